@@ -1,0 +1,145 @@
+"""One frozen settings object per command, built from flags over environment variables.
+
+``validate()`` raises ``ConfigError`` naming the field and the bad value. ``repr`` masks every
+password and secret key, so a config is always safe to log.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+
+from rrb_streams.changes import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys
+from rrb_streams.connections import redact_url, validate_url
+from rrb_streams.errors import ConfigError
+from rrb_streams.layout import normalize_prefix
+from rrb_streams.storage.url import StorageSpec
+
+
+def default_consumer() -> str:
+    """``<hostname>-<pid>``: unique per process, readable in ``rrb-status``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"invalid {name} {value!r}: must be greater than 0")
+
+
+class _Masked:
+    """A ``repr`` that shows Redis URLs with their passwords replaced by ``***``."""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, str) and f.name.endswith("_url"):
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class BridgeConfig(_Masked):
+    """Settings of ``rrb-bridge``: where to listen and where to write the change stream."""
+
+    source_url: str
+    stream_url: str | None = None  # None: the stream lives on the source
+    pattern: str = "*"
+    all_dbs: bool = False
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    batch_size: int = 500  # events per pipelined XADD batch
+    scan_count: int = 1000  # SCAN COUNT per step of a gap rescan
+    scan_pause: float = 0.001  # seconds between rescan steps, so Redis serves others
+    watch_interval: float = 1.0  # seconds between run_id checks
+    max_backoff: float = 10.0
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+    @property
+    def effective_stream_url(self) -> str:
+        return self.stream_url or self.source_url
+
+    def validate(self) -> BridgeConfig:
+        validate_url(self.source_url, "source Redis URL")
+        if self.stream_url:
+            validate_url(self.stream_url, "stream Redis URL")
+        if not self.pattern:
+            raise ConfigError("invalid --redis-pattern '': must not be empty")
+        if not self.own_prefix:
+            raise ConfigError("invalid --own-prefix '': must not be empty")
+        for name in ("batch_size", "scan_count"):
+            _positive(name, getattr(self, name))
+        for name in ("watch_interval", "max_backoff"):
+            _positive(name, getattr(self, name))
+        return self
+
+
+@dataclass(frozen=True, repr=False)
+class UploadConfig(_Masked):
+    """Settings of ``rrb-upload``: the consumer group, the storage, and the retry policy."""
+
+    source_url: str
+    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
+    stream_url: str | None = None
+    path_prefix: str = ""
+    concurrency: int = 4  # concurrent storage calls per process
+    versioning: bool = False
+    group: str = DEFAULT_GROUP
+    consumer: str = field(default_factory=default_consumer)
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    batch_size: int = 500  # entries per XREADGROUP
+    linger: float = 0.1  # seconds a short batch waits to fill, so hot keys coalesce
+    claim_idle: float = 30.0  # seconds before another consumer's pending entry is claimed
+    lease: float = 30.0  # seconds a per-key lease lasts; longer than any storage call
+    max_attempts: int = 5  # failures of one entry before it goes to the dead letters
+    grace: float = 10.0  # seconds to finish in-flight work after SIGTERM
+    trim_interval: float = 5.0
+    max_backoff: float = 30.0
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+    @property
+    def effective_stream_url(self) -> str:
+        return self.stream_url or self.source_url
+
+    def validate(self) -> UploadConfig:
+        validate_url(self.source_url, "source Redis URL")
+        if self.stream_url:
+            validate_url(self.stream_url, "stream Redis URL")
+        object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
+        if self.concurrency < 1:
+            raise ConfigError(f"invalid --concurrency {self.concurrency}: must be at least 1")
+        if not self.consumer:
+            raise ConfigError("invalid --consumer '': must not be empty")
+        if not self.group:
+            raise ConfigError("invalid --group '': must not be empty")
+        for name in ("batch_size", "max_attempts"):
+            _positive(name, getattr(self, name))
+        for name in ("claim_idle", "lease", "grace", "trim_interval", "max_backoff"):
+            _positive(name, getattr(self, name))
+        if self.linger < 0:
+            raise ConfigError(f"invalid --linger {self.linger}: must not be negative")
+        return self
+
+
+@dataclass(frozen=True, repr=False)
+class StatusConfig(_Masked):
+    """Settings of ``rrb-status``."""
+
+    stream_url: str
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    as_json: bool = False
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+    def validate(self) -> StatusConfig:
+        validate_url(self.stream_url, "stream Redis URL")
+        return self

@@ -1,0 +1,92 @@
+"""The storage protocol every backend implements.
+
+Names are ``/``-separated relative paths such as ``backups/db0/ab/ab12….backup``. They never
+start with ``/`` and never contain ``..``, empty segments or NUL. A backend maps them below its
+own root (a bucket and base prefix, a folder, a dict).
+
+Errors are the project's own (:mod:`rrb_streams.errors`), never a library's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: its name (relative to the storage root) and size in bytes."""
+
+    name: str
+    size: int
+
+
+class Storage(Protocol):
+    """Object storage, as rrb-streams needs it.
+
+    Every method is safe to call concurrently from many tasks.
+    """
+
+    @property
+    def description(self) -> str:
+        """Where objects go, safe to log: ``s3://bucket/base`` or ``file:///path``. No secrets."""
+        ...
+
+    async def check(self) -> None:
+        """Verify the location exists and is usable.
+
+        Raises ``DependencyError`` naming the bucket or folder when it is missing, unreadable or
+        unreachable. Creates nothing except, for the filesystem, nothing either: the folder must
+        exist or be creatable by ``put``.
+        """
+        ...
+
+    async def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name``, replacing any object there.
+
+        Atomic: a reader sees the old object or the new one, never a part. Idempotent.
+        Raises ``StorageUnavailable`` for transient failures, ``ObjectRejected`` for permanent
+        ones. The object is durable once :meth:`flush` has returned after this call.
+        """
+        ...
+
+    async def get(self, name: str) -> bytes:
+        """Return the object's bytes. Raises ``ObjectNotFound`` naming it when absent."""
+        ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield every object whose name starts with ``prefix``, once each, in ascending name
+        order (bytewise on the UTF-8 names).
+
+        Streams page by page: memory stays bounded however many objects there are.
+        """
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove the object. Idempotent: deleting an absent name is not an error."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every ``put`` and ``delete`` that has returned durable.
+
+        Uploaders call this once per batch, before they acknowledge the batch's entries.
+        A no-op where each call is already durable when it returns (S3, memory).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+        ...
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid object name, else raise ``ValueError``."""
+    if (
+        not name
+        or name.startswith("/")
+        or "\x00" in name
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise ValueError(f"invalid object name {name!r}")
+    return name

@@ -1,0 +1,131 @@
+"""Storage URLs: which backend and where, from ``--storage`` and the environment.
+
+=====================  ==========================================
+``s3://bucket/base``   S3-compatible storage
+``file:///abs/path``   the local filesystem
+plain path             the local filesystem
+``memory://``          in-process memory (tests only)
+=====================  ==========================================
+
+For S3 the endpoint comes from ``S3_SERVER``, then ``AWS_ENDPOINT_URL``, then AWS itself, and
+credentials from ``S3_ACCESS_KEY``/``S3_SECRET_KEY``, then the standard AWS chain. With no
+``--storage``, ``S3_BUCKET`` names the bucket; without it storage is ``./rrb-backup``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from rrb_streams.errors import ConfigError
+from rrb_streams.storage.base import Storage
+
+DEFAULT_FOLDER = "rrb-backup"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A parsed storage location. ``repr`` never shows the secret key."""
+
+    kind: str  # "s3", "fs" or "memory"
+    bucket: str = ""
+    base: str = ""  # for s3: a key prefix inside the bucket, "" or ending in "/"
+    path: Path | None = None  # for fs
+    endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    region: str | None = None
+    defaulted: bool = False  # True when no --storage or S3_BUCKET chose it
+
+    @property
+    def description(self) -> str:
+        """Where objects go, safe to log."""
+        if self.kind == "s3":
+            where = f"s3://{self.bucket}/{self.base}"
+            return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+        if self.kind == "fs":
+            return f"file://{self.path}"
+        return "memory://"
+
+
+def _s3_spec(bucket: str, base: str, env: Mapping[str, str]) -> StorageSpec:
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError(
+            f"invalid bucket name {bucket!r}: 3 to 63 characters of a-z, 0-9, '.' and '-'"
+        )
+    base_parts = [p for p in base.split("/") if p]
+    if any(p in (".", "..") for p in base_parts):
+        raise ConfigError(f"invalid storage prefix {base!r}")
+    endpoint = env.get("S3_SERVER") or env.get("AWS_ENDPOINT_URL") or None
+    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise ConfigError(f"invalid S3 endpoint {endpoint!r}: expected http:// or https://")
+    return StorageSpec(
+        kind="s3",
+        bucket=bucket,
+        base="/".join(base_parts) + "/" if base_parts else "",
+        endpoint_url=endpoint,
+        access_key=env.get("S3_ACCESS_KEY") or None,
+        secret_key=env.get("S3_SECRET_KEY") or None,
+        region=env.get("S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+    )
+
+
+def parse_storage_url(url: str | None, env: Mapping[str, str] | None = None) -> StorageSpec:
+    """Parse ``--storage`` (or its absence) into a :class:`StorageSpec`.
+
+    Raises ``ConfigError`` naming the bad value for an unknown scheme, a bad bucket name, or
+    a ``file://`` URL with a host.
+    """
+    env = os.environ if env is None else env
+    if not url:
+        bucket = env.get("S3_BUCKET")
+        if bucket:
+            return _s3_spec(bucket, "", env)
+        return StorageSpec(kind="fs", path=Path(DEFAULT_FOLDER).absolute(), defaulted=True)
+    if "://" not in url:
+        return StorageSpec(kind="fs", path=Path(url).expanduser().absolute())
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"invalid storage URL {url!r}: expected s3://bucket/prefix")
+        return _s3_spec(parts.netloc, unquote(parts.path), env)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"invalid storage URL {url!r}: use file:///absolute/path")
+        if not parts.path:
+            raise ConfigError(f"invalid storage URL {url!r}: no path")
+        return StorageSpec(kind="fs", path=Path(unquote(parts.path)))
+    if scheme == "memory":
+        return StorageSpec(kind="memory")
+    raise ConfigError(
+        f"unknown storage scheme {parts.scheme!r} in {url!r}: use s3://, file:// or a path"
+    )
+
+
+def open_storage(spec: StorageSpec) -> Storage:
+    """Build the backend for ``spec``. Opens no connection yet; call ``check()`` next."""
+    if spec.kind == "s3":
+        from rrb_streams.storage.s3 import S3Storage
+
+        return S3Storage(
+            bucket=spec.bucket,
+            base=spec.base,
+            endpoint_url=spec.endpoint_url,
+            access_key=spec.access_key,
+            secret_key=spec.secret_key,
+            region=spec.region,
+        )
+    if spec.kind == "fs":
+        from rrb_streams.storage.fs import FsStorage
+
+        assert spec.path is not None
+        return FsStorage(spec.path)
+    from rrb_streams.storage.memory import MemoryStorage
+
+    return MemoryStorage()
