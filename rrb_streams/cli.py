@@ -1,0 +1,415 @@
+"""Command-line entry points: parse, set up logging, build a config, run.
+
+Bad input prints one line naming the bad value and exits 2. An unreachable or refusing
+dependency prints one line and exits 1. Neither prints a traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import anyio
+
+from rrb_streams import __version__
+from rrb_streams.config import BridgeConfig, StatusConfig, UploadConfig
+from rrb_streams.connections import connect, ping, redact_url
+from rrb_streams.errors import ConfigError, RrbError
+from rrb_streams.logs import configure, get_logger
+from rrb_streams.storage.url import StorageSpec, open_storage, parse_storage_url
+
+DEFAULT_REDIS = "redis://localhost:6379/0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _parser(prog: str, description: str, url_help: str) -> _Parser:
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("url", nargs="?", metavar="REDIS_URL", help=url_help)
+    p.add_argument("--debug", action="store_true", help="debug logs, and tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _add_stream_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stream-url", metavar="URL", help="Redis holding the change stream (default: the source)"
+    )
+    p.add_argument(
+        "--own-prefix",
+        default="rrb:",
+        metavar="PREFIX",
+        help="prefix of rrb's own keys, never backed up (default: rrb:)",
+    )
+
+
+def _add_bridge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-r",
+        "--redis-pattern",
+        default="*",
+        metavar="GLOB",
+        help="back up only keys matching GLOB (default: *)",
+    )
+    p.add_argument(
+        "--all-dbs", action="store_true", help="watch every database, not only the URL's"
+    )
+    p.add_argument(
+        "--assume-notifications",
+        action="store_true",
+        help="do not touch CONFIG: notify-keyspace-events is already set (managed Redis)",
+    )
+
+
+def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> None:
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
+    )
+    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of every object name")
+    p.add_argument("-c", "--concurrency", type=int, default=4, metavar="N", help=concurrency_help)
+    p.add_argument(
+        "--versioning",
+        action="store_true",
+        help="keep every change as its own object (needed for point-in-time restore)",
+    )
+    p.add_argument("--group", default="rrb-upload", help="consumer group (default: rrb-upload)")
+    p.add_argument("--consumer", metavar="NAME", help="consumer name (default: <hostname>-<pid>)")
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="claim another consumer's entries after they sat this long unacked (default: 30)",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="how long a short batch waits to fill, so hot keys coalesce (default: 0.1)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="failures of one entry before it moves to the dead letters (default: 5)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time to finish and ack in-flight work (default: 10)",
+    )
+
+
+def _source_url(args: argparse.Namespace) -> str:
+    return str(args.url or os.environ.get("REDIS_SERVER") or DEFAULT_REDIS)
+
+
+def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
+    return BridgeConfig(
+        source_url=_source_url(args),
+        stream_url=args.stream_url,
+        pattern=args.redis_pattern,
+        all_dbs=args.all_dbs,
+        own_prefix=args.own_prefix,
+        assume_notifications=args.assume_notifications,
+    ).validate()
+
+
+def _upload_config(args: argparse.Namespace, storage: StorageSpec) -> UploadConfig:
+    extra: dict[str, Any] = {}
+    if args.consumer:
+        extra["consumer"] = args.consumer
+    return UploadConfig(
+        source_url=_source_url(args),
+        storage=storage,
+        stream_url=args.stream_url,
+        path_prefix=args.path,
+        concurrency=args.concurrency,
+        versioning=args.versioning,
+        group=args.group,
+        own_prefix=args.own_prefix,
+        claim_idle=args.claim_idle,
+        linger=args.linger,
+        max_attempts=args.max_attempts,
+        grace=args.grace,
+        **extra,
+    ).validate()
+
+
+def _first_rrb_error(exc: BaseException) -> RrbError | None:
+    """The first of our own errors inside ``exc``, looking through exception groups."""
+    if isinstance(exc, RrbError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_rrb_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _execute(prog: str, debug: bool, body: Callable[[], Awaitable[None]]) -> int:
+    """Run ``body`` under anyio; map errors to one line and an exit status."""
+    try:
+        anyio.run(body)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        err = _first_rrb_error(exc)
+        if debug:
+            traceback.print_exception(exc)
+        if err is None:
+            sys.stderr.write(f"{prog}: unexpected error: {exc!r} (run with --debug for details)\n")
+            return 1
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        return 2 if isinstance(err, ConfigError) else 1
+    return 0
+
+
+def _usage_error(prog: str, exc: ConfigError) -> int:
+    sys.stderr.write(f"{prog}: error: {exc}\n")
+    return 2
+
+
+def _say(lines: Sequence[str], quiet: bool) -> None:
+    """The friendly start-up summary, on a terminal only (logs carry the same facts)."""
+    if quiet or not sys.stderr.isatty():
+        return
+    for line in lines:
+        sys.stderr.write(line + "\n")
+
+
+def _storage_lines(spec: StorageSpec, prefix: str) -> list[str]:
+    lines = [f"[*] Storage: {spec.description}"]
+    if spec.defaulted:
+        lines.append("    (no --storage and no S3_BUCKET: using the folder ./rrb-backup)")
+    if prefix:
+        lines.append(f"[*] Using base path: '{prefix}'")
+    return lines
+
+
+async def _open_checked_storage(spec: StorageSpec) -> Any:
+    log = get_logger("storage")
+    if spec.defaulted:
+        log.warning("storage.default", path=str(spec.path), hint="set --storage or S3_BUCKET")
+    storage = open_storage(spec)
+    try:
+        await storage.check()
+    except BaseException:
+        await storage.close()
+        raise
+    return storage
+
+
+def bridge(argv: Sequence[str] | None = None) -> int:
+    """``rrb-bridge``: copy keyspace notifications into the change stream."""
+    p = _parser(
+        "rrb-bridge",
+        "Copy keyspace notifications of a Redis into a durable change stream.",
+        "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    _add_stream_options(p)
+    _add_bridge_options(p)
+    args = p.parse_args(argv)
+    configure(debug=args.debug, quiet=args.quiet)
+    try:
+        cfg = _bridge_config(args)
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> None:
+        from rrb_streams.bridge import Bridge
+        from rrb_streams.service import serve
+
+        component = Bridge(cfg)
+        await serve(
+            [component],
+            grace=10.0,
+            on_started=lambda: get_logger("bridge").info(
+                "bridge.started",
+                source=redact_url(cfg.source_url),
+                stream=redact_url(cfg.effective_stream_url),
+                pattern=cfg.pattern,
+                all_dbs=cfg.all_dbs,
+            ),
+        )
+
+    return _execute(p.prog, args.debug, body)
+
+
+def upload(argv: Sequence[str] | None = None) -> int:
+    """``rrb-upload``: consume the change stream and write objects to storage."""
+    p = _parser(
+        "rrb-upload",
+        "Read changed keys from the source and write them to storage, as one consumer group.",
+        "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    _add_stream_options(p)
+    _add_upload_options(p, "concurrent storage writes in this process (default: 4)")
+    args = p.parse_args(argv)
+    configure(debug=args.debug, quiet=args.quiet)
+    try:
+        cfg = _upload_config(args, parse_storage_url(args.storage))
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> None:
+        from rrb_streams.service import serve
+        from rrb_streams.upload import Uploader
+
+        storage = await _open_checked_storage(cfg.storage)
+        try:
+            uploader = Uploader(cfg, storage)
+            await serve(
+                [uploader],
+                grace=cfg.grace,
+                on_started=lambda: get_logger("upload").info(
+                    "upload.started",
+                    storage=cfg.storage.description,
+                    prefix=cfg.path_prefix,
+                    consumer=cfg.consumer,
+                    concurrency=cfg.concurrency,
+                    versioning=cfg.versioning,
+                ),
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+
+    return _execute(p.prog, args.debug, body)
+
+
+def rrb(argv: Sequence[str] | None = None) -> int:
+    """``rrb``: the bridge and the uploaders in one process."""
+    p = _parser(
+        "rrb",
+        "Back up every change of a Redis to S3 or a folder, in real time (bridge + uploaders).",
+        "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    _add_stream_options(p)
+    _add_bridge_options(p)
+    _add_upload_options(p, "upload workers: concurrent storage writes (default: 4)")
+    args = p.parse_args(argv)
+    configure(debug=args.debug, quiet=args.quiet)
+    try:
+        bridge_cfg = _bridge_config(args)
+        upload_cfg = _upload_config(args, parse_storage_url(args.storage))
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> None:
+        from rrb_streams.bridge import Bridge
+        from rrb_streams.service import serve
+        from rrb_streams.upload import Uploader
+
+        lines = [f"[*] Connecting to Redis {redact_url(bridge_cfg.source_url)}..."]
+        r = connect(bridge_cfg.source_url)
+        try:
+            await ping(r, bridge_cfg.source_url, "source Redis")
+        finally:
+            await r.aclose()
+        lines[0] += "OK!"
+        lines.append(f"[*] Using Redis pattern: '{bridge_cfg.pattern}'")
+        lines += _storage_lines(upload_cfg.storage, upload_cfg.path_prefix)
+        if upload_cfg.versioning:
+            lines.append("[*] Versioning enabled: every change is kept")
+        storage = await _open_checked_storage(upload_cfg.storage)
+        try:
+            components = [Bridge(bridge_cfg), Uploader(upload_cfg, storage)]
+
+            def started() -> None:
+                _say(
+                    [
+                        *lines,
+                        f"[*] Started {upload_cfg.concurrency} upload workers "
+                        f"as consumer {upload_cfg.consumer}",
+                        "[*] Realtime Redis Backup is running. Ctrl-C or SIGTERM stops it.",
+                    ],
+                    args.quiet,
+                )
+                get_logger("rrb").info(
+                    "rrb.started",
+                    source=redact_url(bridge_cfg.source_url),
+                    pattern=bridge_cfg.pattern,
+                    storage=upload_cfg.storage.description,
+                    prefix=upload_cfg.path_prefix,
+                    versioning=upload_cfg.versioning,
+                    workers=upload_cfg.concurrency,
+                    consumer=upload_cfg.consumer,
+                )
+
+            await serve(components, grace=upload_cfg.grace, on_started=started)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+
+    return _execute(p.prog, args.debug, body)
+
+
+def status(argv: Sequence[str] | None = None) -> int:
+    """``rrb-status``: stream length, pending, lag, consumers, dead letters."""
+    p = _parser(
+        "rrb-status",
+        "Show the change stream: length, per-group pending and lag, consumers, dead letters.",
+        "Redis holding the change stream (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    p.add_argument(
+        "--own-prefix",
+        default="rrb:",
+        metavar="PREFIX",
+        help="prefix of rrb's keys (default: rrb:)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    configure(debug=args.debug, quiet=True)
+    try:
+        cfg = StatusConfig(
+            stream_url=_source_url(args), own_prefix=args.own_prefix, as_json=args.json
+        ).validate()
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> None:
+        from rrb_streams.status import collect, render
+
+        r = connect(cfg.stream_url, name="rrb-status")
+        try:
+            await ping(r, cfg.stream_url, "stream Redis")
+            result = await collect(r, cfg.own)
+        finally:
+            await r.aclose()
+        print(result.to_json() if cfg.as_json else render(result))
+
+    return _execute(p.prog, args.debug, body)
+
+
+def _entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[], NoReturn]:
+    def main() -> NoReturn:
+        sys.exit(fn(sys.argv[1:]))
+
+    return main
+
+
+bridge_main = _entry(bridge)
+upload_main = _entry(upload)
+rrb_main = _entry(rrb)
+status_main = _entry(status)
