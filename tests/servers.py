@@ -1,6 +1,6 @@
-"""Real servers for tests: ``redis-server`` processes on free ports, and a moto S3 server.
+"""Real ``redis-server`` processes on free ports, for tests and benchmarks.
 
-A missing ``redis-server`` fails the test with a clear message; it never skips.
+A missing ``redis-server`` raises ``ServerError`` with a clear message: tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
+
+
+class ServerError(RuntimeError):
+    """A test server could not be started."""
 
 
 def free_port() -> int:
@@ -27,7 +30,7 @@ def free_port() -> int:
 def redis_binary() -> str:
     path = shutil.which("redis-server")
     if path is None:
-        pytest.fail(
+        raise ServerError(
             "redis-server is not installed: run 'apt-get install redis-server' "
             "(the README's test command does this)"
         )
@@ -74,9 +77,9 @@ class RedisServer:
             except redis.exceptions.ConnectionError:
                 if self.proc.poll() is not None:
                     log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                    pytest.fail(f"redis-server on port {self.port} exited:\n{log}")
+                    raise ServerError(f"redis-server on port {self.port} exited:\n{log}") from None
             if time.monotonic() > deadline:
-                pytest.fail(f"redis-server on port {self.port} did not answer in 10 s")
+                raise ServerError(f"redis-server on port {self.port} did not answer in 10 s")
             time.sleep(0.02)
 
     def _end(self, sig: int) -> None:
@@ -108,7 +111,7 @@ def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.05) -
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {predicate!r}")
+            raise TimeoutError(f"timed out after {timeout} s waiting for {predicate!r}")
         time.sleep(interval)
 
 

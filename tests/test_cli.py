@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rrb_streams import cli
-from rrb_streams.changes import OwnKeys, entry_fields, ensure_group
+from rrb_streams.changes import OwnKeys, ensure_group, entry_fields
 from tests.servers import RedisServer
 
 
