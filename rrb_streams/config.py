@@ -54,6 +54,8 @@ class BridgeConfig(_Masked):
     scan_pause: float = 0.001  # seconds between rescan steps, so Redis serves others
     watch_interval: float = 1.0  # seconds between run_id checks
     max_backoff: float = 10.0
+    # Managed Redis often blocks CONFIG while the parameter group already sets the flags.
+    assume_notifications: bool = False  # never read or set notify-keyspace-events
 
     @property
     def own(self) -> OwnKeys:
