@@ -1,0 +1,76 @@
+"""Helpers for end-to-end tests: run bridge + uploaders in-process, wait for the drain."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+
+from rrb_streams.bridge import Bridge
+from rrb_streams.changes import OwnKeys
+from rrb_streams.config import BridgeConfig, UploadConfig
+from rrb_streams.status import collect
+from rrb_streams.storage.base import Storage
+from rrb_streams.upload import Uploader
+
+
+@asynccontextmanager
+async def running_pipeline(
+    source_url: str,
+    storage: Storage,
+    *,
+    uploaders: int = 1,
+    bridge: dict[str, Any] | None = None,
+    upload: dict[str, Any] | None = None,
+) -> AsyncIterator[list[Uploader]]:
+    """A bridge and ``uploaders`` upload workers running until the block ends."""
+    bridge_cfg = BridgeConfig(source_url=source_url, **(bridge or {})).validate()
+    base = UploadConfig(source_url=source_url, linger=0.02, **(upload or {})).validate()
+    workers = [Uploader(replace(base, consumer=f"test-{i}"), storage) for i in range(uploaders)]
+    the_bridge = Bridge(bridge_cfg)
+    done = anyio.Event()
+
+    async def run_all(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as inner:
+            await inner.start(the_bridge.run)
+            for w in workers:
+                await inner.start(w.run)
+            task_status.started()
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_all)
+        try:
+            yield workers
+        finally:
+            the_bridge.stop()
+            for w in workers:
+                w.stop()
+            with anyio.move_on_after(15):
+                await done.wait()
+            # Whatever did not return within 15 s fails the test through the assertion below.
+            tg.cancel_scope.cancel()
+    assert done.is_set(), "components did not stop within 15 s of stop()"
+
+
+async def wait_drained(stream_url: str, own_prefix: str = "rrb:", within: float = 30.0) -> None:
+    """Wait until every group acked everything and the stream stopped growing for 0.3 s."""
+    own = OwnKeys(own_prefix)
+    r = Redis.from_url(stream_url)
+    try:
+        with anyio.fail_after(within):
+            last = None
+            while True:
+                status = await collect(r, own)
+                if status.drained and status.last_id == last:
+                    return
+                last = status.last_id if status.drained else None
+                await anyio.sleep(0.3)
+    finally:
+        await r.aclose()
