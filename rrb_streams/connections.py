@@ -67,18 +67,19 @@ def connect(url: str, *, db: int | None = None, name: str = "rrb") -> Redis:
     redis-py retries a failed command on a new connection three times, with backoff, so a
     blip does not surface; longer outages surface and our own loops back off.
     """
-    kwargs: dict[str, object] = {}
-    if db is not None:
-        kwargs["db"] = db
-    return Redis.from_url(
+    client = Redis.from_url(
         url,
         decode_responses=False,
         client_name=name,
         socket_connect_timeout=5,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-        **kwargs,  # type: ignore[arg-type]
     )
+    if db is not None:
+        # from_url lets the URL's own database (``/0``) override a ``db`` argument, so a
+        # client meant for db 3 would silently read db 0: set it on the pool instead.
+        client.connection_pool.connection_kwargs["db"] = db
+    return client
 
 
 async def ping(r: Redis, url: str, what: str = "Redis") -> None:
