@@ -1,0 +1,305 @@
+"""rrb-bridge: keyspace notifications in, durable change-stream entries out.
+
+Pub/sub is fire and forget: whatever the source publishes while the bridge is not subscribed is
+gone. Every moment when events may have been missed is a *gap*, healed by a SCAN of the watched
+keys into the stream (``ev="scan"``). Gaps are:
+
+- ``startup``: the first subscription;
+- ``reconnect``: every later subscription, whether the bridge re-subscribed after an error or
+  redis-py reconnected and re-subscribed on its own inside ``get_message``;
+- ``source_restart`` / ``stream_restart``: a ``run_id`` changed, seen by a periodic INFO.
+
+Both subscription gaps are raised by the server's PSUBSCRIBE confirmation, read from the
+subscription itself, so a rescan only starts once the server delivers events to us again: each
+change is then either forwarded live or found by the scan. A gap during a rescan restarts it;
+a restarted source also drops the subscription, so its rescan is restarted once more by the
+reconnect, after the subscription is back.
+
+A key deleted while nobody listened leaves nothing for a scan to find: only a comparison of
+storage with the source can tell that its object is stale.
+
+Events and rescanned keys share one bounded channel into one writer that XADDs pipelined
+batches. While the stream Redis is down the writer retries its batch, the channel fills and the
+bridge stops reading the subscription; if the source then drops us as a slow subscriber, the
+reconnect is a gap like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from rrb_streams.changes import DEFAULT_GROUP, ensure_group, entry_fields
+from rrb_streams.config import BridgeConfig
+from rrb_streams.connections import connect, ping, redact_url, url_db
+from rrb_streams.errors import DependencyError
+from rrb_streams.logs import get_logger
+from rrb_streams.notify import channel_pattern, ensure_notifications, parse_channel
+from rrb_streams.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
+
+_READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
+_BACKOFF_BASE = 0.1
+
+
+async def _run_id(r: Redis) -> str:
+    info: dict[str, Any] = await r.info("server")
+    return str(info["run_id"])
+
+
+class _Backoff:
+    """Capped exponential backoff for one retry loop; resets (and says so once) on success."""
+
+    def __init__(self, log: Any, event: str, cap: float) -> None:
+        self._log = log
+        self._event = event
+        self._cap = cap
+        self.errors = 0
+
+    async def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        delay = min(self._cap, _BACKOFF_BASE * 2 ** (self.errors - 1))
+        self._log.warning(
+            self._event, consecutive_errors=self.errors, error=str(exc), retry_in=delay
+        )
+        await anyio.sleep(delay)
+
+    def succeeded(self) -> None:
+        if self.errors:
+            self._log.info("bridge.recovered", after=self._event, consecutive_errors=self.errors)
+            self.errors = 0
+
+
+class Bridge:
+    """Copies keyspace notifications of the source into the change stream, and heals gaps."""
+
+    def __init__(self, cfg: BridgeConfig) -> None:
+        self._cfg = cfg
+        self._own = cfg.own
+        self._db = url_db(cfg.source_url)
+        self._log = get_logger("bridge", stream=self._own.stream)
+        self._gaps = Gaps(self._log)
+        self._producers: anyio.CancelScope | None = None
+        self._stop_requested = False
+        self._subscribed = False
+        self._run_ids: dict[str, str] = {}
+        self._group_needed = False
+        self._clients: dict[int, Redis] = {}
+        self._source: Redis | None = None
+        self._stream: Redis | None = None
+
+    def stop(self) -> None:
+        """Ask ``run`` to stop reading, write what it already read, and return."""
+        self._stop_requested = True
+        if self._producers is not None:
+            self._producers.cancel()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``stop()`` (then return normally) or cancellation.
+
+        Raises ``DependencyError`` when the source or stream Redis is unreachable at start, and
+        ``NotificationsRefused`` when keyspace notifications cannot be enabled. Calls
+        ``task_status.started()`` once subscribed, before the startup rescan finishes.
+        """
+        cfg = self._cfg
+        self._source = source = connect(cfg.source_url, name="rrb-bridge")
+        self._clients[self._db] = source
+        self._stream = (
+            source if cfg.stream_url is None else connect(cfg.stream_url, name="rrb-bridge")
+        )
+        subscriber = connect(cfg.source_url, name="rrb-bridge-sub")
+        try:
+            await self._prepare(source, self._stream)
+            send, receive = anyio.create_memory_object_stream[Change](cfg.batch_size)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write_loop, self._stream, receive)
+                # Producers share ``send``; closing it once they are all done lets the writer
+                # drain what is buffered and return.
+                async with send:
+                    with anyio.CancelScope() as self._producers:
+                        if self._stop_requested:
+                            self._producers.cancel()
+                        async with anyio.create_task_group() as producers:
+                            await producers.start(self._subscribe_loop, subscriber, send)
+                            task_status.started()
+                            rescanner = Rescanner(
+                                cfg,
+                                self._gaps,
+                                self._client,
+                                _Backoff(self._log, "bridge.rescan_failed", cfg.max_backoff),
+                                self._log,
+                            )
+                            producers.start_soon(rescanner.run, send)
+                            producers.start_soon(self._watch_loop)
+            if not self._subscribed:
+                task_status.started()  # stopped before subscribing: nothing left to wait for
+            self._log.info("bridge.stopped")
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                for client in {id(c): c for c in (*self._clients.values(), self._stream)}.values():
+                    await client.aclose()
+                await subscriber.aclose()
+
+    async def _prepare(self, source: Redis, stream: Redis) -> None:
+        cfg = self._cfg
+        await ping(source, cfg.source_url, "source Redis")
+        if stream is not source:
+            await ping(stream, cfg.effective_stream_url, "stream Redis")
+        try:
+            if not cfg.assume_notifications:
+                await self._ensure_notifications(source)
+            self._run_ids["source"] = await _run_id(source)
+        except RETRYABLE as exc:
+            where = redact_url(cfg.source_url)
+            raise DependencyError(f"source Redis at {where} failed at start: {exc}") from exc
+        try:
+            await ensure_group(stream, self._own.stream, DEFAULT_GROUP)
+            if stream is not source:
+                self._run_ids["stream"] = await _run_id(stream)
+        except RETRYABLE as exc:
+            where = redact_url(cfg.effective_stream_url)
+            raise DependencyError(f"cannot prepare the change stream at {where}: {exc}") from exc
+
+    async def _ensure_notifications(self, source: Redis) -> None:
+        value = await ensure_notifications(source)
+        if value is not None:
+            self._log.info("bridge.notifications_enabled", notify_keyspace_events=value)
+
+    # -- live events -----------------------------------------------------------------------
+
+    async def _subscribe_loop(
+        self,
+        subscriber: Redis,
+        send: MemoryObjectSendStream[Change],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        cfg = self._cfg
+        channel = channel_pattern(None if cfg.all_dbs else self._db, cfg.pattern)
+        backoff = _Backoff(self._log, "bridge.subscribe_failed", cfg.max_backoff)
+        while True:
+            pubsub = subscriber.pubsub()
+            error: BaseException | None = None
+            try:
+                await pubsub.psubscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                    if message is None:
+                        continue
+                    if message["type"] == "pmessage":
+                        await self._forward(send, message["channel"], message["data"])
+                    elif message["type"] == "psubscribe":
+                        # Also read after redis-py's own silent reconnect: its connect callback
+                        # re-sends PSUBSCRIBE, and this confirmation is how we learn of it.
+                        await self._on_subscribed(channel, task_status)
+                        backoff.succeeded()
+            except ResponseError as exc:
+                if not self._subscribed:
+                    raise DependencyError(
+                        f"source Redis at {redact_url(cfg.source_url)} refused PSUBSCRIBE "
+                        f"{channel}: {exc}"
+                    ) from exc
+                error = exc
+            except RETRYABLE as exc:
+                error = exc
+            finally:
+                with anyio.move_on_after(5, shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if error is not None:
+                await backoff.failed(error)
+
+    async def _on_subscribed(self, channel: str, task_status: TaskStatus[None]) -> None:
+        if self._subscribed:
+            # A restarted source comes back with the flags of its redis.conf.
+            if not self._cfg.assume_notifications:
+                assert self._source is not None
+                await self._ensure_notifications(self._source)
+            self._log.info("bridge.subscribed", channel=channel)
+            self._gaps.report("reconnect")
+            return
+        self._subscribed = True
+        self._log.info("bridge.subscribed", channel=channel)
+        task_status.started()
+        self._gaps.report("startup")
+
+    async def _forward(
+        self, send: MemoryObjectSendStream[Change], channel: bytes, event: bytes
+    ) -> None:
+        parsed = parse_channel(channel)
+        if parsed is None:
+            return
+        db, key = parsed
+        if self._own.is_own(key):
+            return  # our own stream and leases: never backed up, and XADD would feed back
+        await send.send((db, key, event.decode(errors="replace"), now_ms()))
+
+    def _client(self, db: int) -> Redis:
+        if db not in self._clients:
+            self._clients[db] = connect(self._cfg.source_url, db=db, name="rrb-bridge")
+        return self._clients[db]
+
+    # -- restarts ----------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        assert self._source is not None and self._stream is not None
+        watched = [("source", self._source, "source_restart")]
+        if self._stream is not self._source:
+            watched.append(("stream", self._stream, "stream_restart"))
+        while True:
+            await anyio.sleep(self._cfg.watch_interval)
+            for name, client, reason in watched:
+                try:
+                    run_id = await _run_id(client)
+                except RETRYABLE as exc:
+                    self._log.debug("bridge.watch_failed", redis=name, error=str(exc))
+                    continue
+                known = self._run_ids.get(name)
+                self._run_ids[name] = run_id
+                if known is not None and known != run_id:
+                    # An empty restarted stream Redis would otherwise hold entries no group keeps.
+                    self._group_needed = self._group_needed or client is self._stream
+                    self._gaps.report(reason, run_id=run_id, previous_run_id=known)
+            if self._group_needed:
+                try:
+                    await ensure_group(self._stream, self._own.stream, DEFAULT_GROUP)
+                    self._group_needed = False
+                except RETRYABLE as exc:
+                    self._log.debug("bridge.watch_failed", redis="stream", error=str(exc))
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _write_loop(self, stream: Redis, receive: MemoryObjectReceiveStream[Change]) -> None:
+        backoff = _Backoff(self._log, "bridge.write_failed", self._cfg.max_backoff)
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except anyio.EndOfStream:
+                    return
+                while len(batch) < self._cfg.batch_size:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._write(stream, batch, backoff)
+
+    async def _write(self, stream: Redis, batch: list[Change], backoff: _Backoff) -> None:
+        """XADD ``batch`` in one pipeline, retrying until it is in (a retry may duplicate
+        entries, which is harmless: uploaders read the key's current state)."""
+        while True:
+            try:
+                async with stream.pipeline(transaction=False) as pipe:
+                    for db, key, event, t in batch:
+                        fields: dict[Any, Any] = entry_fields(db, key, event, t)
+                        pipe.xadd(self._own.stream, fields)
+                    await pipe.execute()
+            except RETRYABLE as exc:
+                await backoff.failed(exc)
+                continue
+            backoff.succeeded()
+            self._log.debug("bridge.batch_written", entries=len(batch))
+            return
