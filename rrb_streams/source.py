@@ -1,0 +1,149 @@
+"""Reading keys' current state from the source Redis, as :class:`codec.KeyRecord` values.
+
+One read of a db is one MULTI/EXEC transaction: for each key ``DUMP``, its expiry and ``TYPE``,
+then ``TIME`` once. Everything in it is one consistent snapshot stamped with the source's own
+clock, so version names sort by when the source held that state, whatever host read it.
+
+The expiry comes from ``PEXPIRETIME`` where the source has it (Redis 7.0+): the absolute time
+Redis stores, exact to the millisecond. Older sources give ``PTTL``, added to ``TIME``; that sum
+can be off by a millisecond because the two commands read the clock at different moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from rrb_streams.codec import KeyRecord
+from rrb_streams.connections import connect, ping, redact_url
+
+_COMMANDS_PER_KEY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReadError:
+    """The source refused to read one key (a ``ResponseError`` on its DUMP, expiry or TYPE).
+
+    Permanent for this key as far as we can tell: the caller counts attempts.
+    """
+
+    key: bytes
+    reason: str
+
+
+class Source:
+    """The source Redis: one lazily opened client per db, and its ``redis_version``.
+
+    Connection errors (``redis.exceptions.ConnectionError``, ``TimeoutError``) propagate from
+    :meth:`read` unchanged: they are transient and the caller retries.
+    """
+
+    def __init__(self, url: str, *, exact_expiry: bool | None = None) -> None:
+        """``exact_expiry`` forces ``PEXPIRETIME`` (True) or ``PTTL`` (False); ``None`` picks
+        by the source's version in :meth:`check`."""
+        self.url = url
+        self._clients: dict[int, Redis] = {}
+        self._exact_expiry = exact_expiry
+        self.redis_version = ""
+
+    def client(self, db: int) -> Redis:
+        """The client for ``db`` (created on first use, kept until :meth:`close`)."""
+        r = self._clients.get(db)
+        if r is None:
+            r = self._clients[db] = connect(self.url, db=db, name="rrb-upload")
+        return r
+
+    async def check(self) -> None:
+        """Ping the source and learn its version. Raises ``DependencyError`` when unreachable."""
+        r = self.client(0)
+        await ping(r, self.url, "source Redis")
+        info = await r.info("server")
+        # INFO values that look numeric come back as numbers ("7.2" -> 7.2): keep the text.
+        self.redis_version = str(info.get("redis_version", ""))
+        if self._exact_expiry is None:
+            self._exact_expiry = _major(self.redis_version) >= 7
+
+    async def read(
+        self, db: int, keys: Sequence[bytes], entry_ids: Sequence[str]
+    ) -> list[KeyRecord | KeyReadError]:
+        """Read every key of ``db`` in one transaction; one result per key, in order.
+
+        An absent key gives a tombstone record. ``entry_ids[i]`` is stored in the record of
+        ``keys[i]`` (the change-stream entry that caused the read).
+        """
+        if not keys:
+            return []
+        pipe = self.client(db).pipeline(transaction=True)
+        for key in keys:
+            pipe.dump(key)
+            if self._exact_expiry:
+                pipe.pexpiretime(key)  # type: ignore[arg-type]  # the stub says str; bytes work
+            else:
+                pipe.pttl(key)
+            pipe.type(key)
+        pipe.time()
+        replies = await pipe.execute(raise_on_error=False)
+        clock = replies[-1]
+        if isinstance(clock, Exception):
+            raise clock
+        sec, usec = clock
+        read_at_us = int(sec) * 1_000_000 + int(usec)
+        out: list[KeyRecord | KeyReadError] = []
+        for i, key in enumerate(keys):
+            dump, expiry, type_ = replies[i * _COMMANDS_PER_KEY : (i + 1) * _COMMANDS_PER_KEY]
+            failed = next((r for r in (dump, expiry, type_) if isinstance(r, Exception)), None)
+            if isinstance(failed, ResponseError):
+                out.append(KeyReadError(key, f"source refused to read the key: {failed}"))
+                continue
+            if failed is not None:
+                raise failed
+            out.append(self._record(db, key, entry_ids[i], read_at_us, dump, expiry, type_))
+        return out
+
+    def _record(
+        self,
+        db: int,
+        key: bytes,
+        entry_id: str,
+        read_at_us: int,
+        dump: bytes | None,
+        expiry: int,
+        type_: bytes | str,
+    ) -> KeyRecord:
+        if dump is None:
+            return KeyRecord.absent(key, db, read_at_us, entry_id, self.redis_version)
+        expiry = int(expiry)
+        if expiry < 0:
+            expire_at_ms = None
+        elif self._exact_expiry:
+            expire_at_ms = expiry
+        else:
+            expire_at_ms = read_at_us // 1000 + expiry
+        type_name = type_.decode("ascii") if isinstance(type_, bytes) else str(type_)
+        return KeyRecord(
+            key=key,
+            db=db,
+            type=type_name,
+            expire_at_ms=expire_at_ms,
+            read_at_us=read_at_us,
+            entry_id=entry_id,
+            redis_version=self.redis_version,
+            payload=bytes(dump),
+        )
+
+    async def close(self) -> None:
+        """Close every client. Idempotent."""
+        clients, self._clients = list(self._clients.values()), {}
+        for r in clients:
+            await r.aclose()
+
+    def __repr__(self) -> str:
+        return f"Source({redact_url(self.url)!r})"
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

@@ -1,0 +1,115 @@
+"""Per-key leases and done markers against a real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from rrb_streams.changes import OwnKeys
+from rrb_streams.lease import Grant, Leases, Release
+from tests.servers import RedisServer
+
+OWN = OwnKeys()
+KEY = (0, "ab" * 32)
+
+
+@pytest.fixture
+async def r(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url())
+    yield client
+    await client.aclose()
+
+
+def leases(r: Redis, lease_s: float = 5.0) -> Leases:
+    return Leases(r, OWN, OWN.stream, lease_s=lease_s)
+
+
+@pytest.mark.anyio
+async def test_lease_is_exclusive_until_released(r: Redis) -> None:
+    a, b = leases(r), leases(r)
+    grants, _ = await a.acquire([KEY], "token-a")
+    assert grants == [Grant(True, None)]
+    grants, _ = await b.acquire([KEY], "token-b")
+    assert grants == [Grant(False, None)]
+    assert await a.release("token-a", [Release(*KEY)]) == [True]
+    grants, _ = await b.acquire([KEY], "token-b")
+    assert grants[0].held
+
+
+@pytest.mark.anyio
+async def test_lease_release_with_a_lost_token_changes_nothing(r: Redis) -> None:
+    a = leases(r, lease_s=0.05)
+    await a.acquire([KEY], "old")
+    await anyio.sleep(0.1)  # expired
+    b = leases(r)
+    assert (await b.acquire([KEY], "new"))[0][0].held
+    # The first holder's release must neither free the new holder's lease nor move the marker.
+    assert await a.release("old", [Release(*KEY, done="9999-0")]) == [False]
+    assert await r.get(OWN.lease(*KEY)) == b"new"
+    assert await r.get(OWN.done(*KEY)) is None
+
+
+@pytest.mark.anyio
+async def test_lease_done_marker_only_moves_forward(r: Redis) -> None:
+    a = leases(r)
+    steps = [
+        ("10-5", "10-5"),
+        ("9-7", "10-5"),  # older ms, bigger seq: stays
+        ("10-10", "10-10"),  # same ms, seq compared as a number, not as text
+        ("10-9", "10-10"),
+        ("100-0", "100-0"),  # more digits: newer, though "100" < "99" as text
+        ("99-99", "100-0"),
+    ]
+    for proposed, expected in steps:
+        grants, _ = await a.acquire([KEY], "t")
+        assert grants[0].held
+        assert await a.release("t", [Release(*KEY, done=proposed)]) == [True]
+        assert await r.get(OWN.done(*KEY)) == expected.encode()
+    ttl = await r.pttl(OWN.done(*KEY))
+    assert 0 < ttl <= 10 * 60 * 1000
+
+
+@pytest.mark.anyio
+async def test_lease_grant_reports_the_marker_and_the_stream_tail(r: Redis) -> None:
+    a = leases(r)
+    grants, tail = await a.acquire([KEY], "t")
+    assert tail is None  # no stream yet
+    await a.release("t", [Release(*KEY, done="50-3")])
+    last = (await r.xadd(OWN.stream, {"x": "1"})).decode()
+    grants, tail = await a.acquire([KEY, (1, KEY[1])], "t2")
+    assert tail == last
+    assert grants[0] == Grant(True, "50-3")
+    assert grants[0].covers("50-3") and grants[0].covers("49-9")
+    assert not grants[0].covers("50-4")
+    assert grants[1] == Grant(True, None)  # another db: its own lease and marker
+    assert not grants[1].covers("1-0")
+
+
+@pytest.mark.anyio
+async def test_lease_expires_so_a_dead_holder_cannot_block_a_key(r: Redis) -> None:
+    a, b = leases(r, lease_s=0.1), leases(r)
+    assert (await a.acquire([KEY], "dead"))[0][0].held
+    assert not (await b.acquire([KEY], "live"))[0][0].held
+    await anyio.sleep(0.15)
+    assert (await b.acquire([KEY], "live"))[0][0].held
+
+
+@pytest.mark.anyio
+async def test_lease_release_survives_a_script_cache_flush(r: Redis) -> None:
+    a = leases(r)
+    await a.acquire([KEY], "t")
+    await r.script_flush()
+    assert await a.release("t", [Release(*KEY, done="1-1")]) == [True]
+    assert await r.get(OWN.done(*KEY)) == b"1-1"
+
+
+@pytest.mark.anyio
+async def test_lease_taken_again_with_the_same_token_is_still_held(r: Redis) -> None:
+    # A pipeline retried after a dropped connection sends SET NX a second time.
+    a = leases(r)
+    assert (await a.acquire([KEY], "t"))[0][0].held
+    assert (await a.acquire([KEY], "t"))[0][0].held
+    assert not (await a.acquire([KEY], "other"))[0][0].held
