@@ -1,0 +1,405 @@
+"""One batch of change entries, from the leases to the acknowledgement.
+
+1. Entries for rrb's own keys, and pending entries since deleted from the stream, are
+   acknowledged as they are; entries that cannot be parsed go to the dead letters.
+2. The rest are merged per ``(db, key)``: one read and at most one write per key per round,
+   however many entries name it.
+3. Rounds run until every key is settled. Each round:
+
+   a. takes the leases of the keys that are ready and reads their done markers (one round trip,
+      see :mod:`rrb_streams.lease`);
+   b. settles without a read every key whose done marker covers its newest entry;
+   c. reads the other keys from the source, one transaction per db;
+   d. writes their objects concurrently, bounded by the process-wide limiter, then calls
+      ``storage.flush()``;
+   e. releases the leases, advancing the done markers; a key whose lease was lost meanwhile is
+      redone in a later round;
+   f. acknowledges the entries of the settled keys.
+
+   A key whose lease another uploader holds waits a short jittered while and joins a later
+   round, so one contended key never holds back the rest of the batch.
+
+A transient failure (storage unavailable, a Redis connection lost) retries the round after a
+capped backoff and acknowledges nothing it did not finish. A failure of one key that retrying
+cannot fix (storage rejected the object, the source refused to read the key) counts attempts;
+after ``max_attempts`` the key's entries go to the dead letters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from rrb_streams import deadletter
+from rrb_streams.changes import id_tuple, parse_entry
+from rrb_streams.codec import KeyRecord, encode
+from rrb_streams.config import UploadConfig
+from rrb_streams.deadletter import DeadLetter
+from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
+from rrb_streams.layout import key_hash, latest_name, version_name
+from rrb_streams.lease import Leases, Release
+from rrb_streams.retrying import Retrying
+from rrb_streams.source import KeyReadError, Source
+from rrb_streams.storage.base import Storage
+
+#: Failures that say nothing about one entry: retry the round, acknowledge nothing new.
+TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
+
+#: A storage call that outlasts this many leases is treated as hung and given up on.
+CALL_TIMEOUT_LEASES = 4
+
+_LEASE_POLL_MIN = 0.01  # seconds; doubles per failed attempt to take a lease
+_LEASE_POLL_MAX = 0.25
+_ENCODE_IN_THREAD = 1 << 20  # bytes of payload above which checksumming leaves the event loop
+
+Entry = tuple[str, Mapping[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Entries read together. ``redo``: they may have been half done by a consumer that died
+    (claimed, or our own from before a restart), so done markers must not excuse a write."""
+
+    entries: list[Entry]
+    redo: bool = False
+
+
+@dataclass(slots=True)
+class UploadStats:
+    """Counters of one uploader since it started."""
+
+    entries_acked: int = 0  # every entry acknowledged, dead letters included
+    puts: int = 0  # key states written
+    deletes: int = 0  # absences recorded: latest object deleted, or a tombstone written
+    coalesced: int = 0  # entries acknowledged without a write of their own
+    dead_lettered: int = 0
+    claimed: int = 0  # entries taken over from other consumers
+    redone: int = 0  # keys written again because their lease ran out during the write
+
+
+@dataclass(eq=False, slots=True)
+class _Key:
+    db: int
+    key: bytes
+    hash: str
+    force: bool  # ignore the done marker: see Batch.redo and lease.py
+    entries: list[Entry] = field(default_factory=list)
+    max_id: str = "0-0"
+    attempts: int = 0
+    lease_waits: int = 0
+    not_before: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _Work:
+    token: str = field(default_factory=Leases.new_token)  # one per batch: rounds never overlap
+    keys: dict[tuple[int, bytes], _Key] = field(default_factory=dict)
+    acks: list[str] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    tally: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("puts", "deletes", "skipped", "redone", "dead"), 0)
+    )
+
+
+class BatchProcessor:
+    """Runs batches for one uploader. Safe to call :meth:`process` from many tasks at once."""
+
+    def __init__(
+        self,
+        cfg: UploadConfig,
+        storage: Storage,
+        stream_r: Redis,
+        source: Source,
+        leases: Leases,
+        limiter: anyio.CapacityLimiter,
+        stats: UploadStats,
+        in_hand: set[str],
+        log: Any,
+    ) -> None:
+        self._cfg = cfg
+        self._storage = storage
+        self._r = stream_r
+        self._source = source
+        self._leases = leases
+        self._limiter = limiter
+        self._stats = stats
+        self._in_hand = in_hand  # entries read and not yet acknowledged, shared with the reader
+        self._log = log
+        self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff)
+        self._call_timeout = cfg.lease * CALL_TIMEOUT_LEASES
+
+    async def process(self, batch: Batch) -> None:
+        """Settle every entry of ``batch``: written and acknowledged, or dead-lettered.
+
+        Returns only when all are acknowledged; retries transient failures for as long as it
+        takes. Cancellation leaves the unfinished entries pending for a later claim.
+        """
+        started = anyio.current_time()
+        work = self._prepare(batch)
+        keys = len(work.keys)
+        try:
+            while True:
+                try:
+                    await self._commit(work)
+                    if work.keys:
+                        await self._wait_ready(work)
+                        await self._round(work)
+                        await self._commit(work)
+                except TRANSIENT as exc:
+                    await self._retrying.failed(work, exc)
+                    continue
+                self._retrying.succeeded(work)
+                if not work.keys:
+                    break
+        finally:
+            self._retrying.forget(work)
+        t = work.tally
+        self._log.info(
+            "upload.batch_written",
+            entries=len(batch.entries),
+            keys=keys,
+            puts=t["puts"],
+            deletes=t["deletes"],
+            skipped=t["skipped"],
+            redone=t["redone"],
+            dead_lettered=t["dead"],
+            seconds=round(anyio.current_time() - started, 4),
+        )
+
+    def _prepare(self, batch: Batch) -> _Work:
+        work = _Work()
+        for entry_id, fields in batch.entries:
+            if not fields:  # deleted from the stream while pending: nothing left to back up
+                work.acks.append(entry_id)
+                work.tally["skipped"] += 1
+                continue
+            try:
+                change = parse_entry(entry_id, fields)
+                if change.db < 0:
+                    raise ValueError(f"malformed change entry {entry_id!r}: db {change.db}")
+            except ValueError as exc:
+                work.dead.append(DeadLetter(entry_id, fields, str(exc), 1))
+                continue
+            if self._cfg.own.is_own(change.key):
+                work.acks.append(entry_id)
+                work.tally["skipped"] += 1
+                continue
+            k = work.keys.get((change.db, change.key))
+            if k is None:
+                k = _Key(change.db, change.key, key_hash(change.key), force=batch.redo)
+                work.keys[(change.db, change.key)] = k
+            k.entries.append((entry_id, fields))
+            if id_tuple(entry_id) > id_tuple(k.max_id):
+                k.max_id = entry_id
+        return work
+
+    async def _wait_ready(self, work: _Work) -> None:
+        soonest = min(k.not_before for k in work.keys.values())
+        delay = soonest - anyio.current_time()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    async def _round(self, work: _Work) -> None:
+        now = anyio.current_time()
+        ready = [k for k in work.keys.values() if k.not_before <= now]
+        token = work.token
+        grants, tail = await self._leases.acquire([(k.db, k.hash) for k in ready], token)
+        held: list[_Key] = []
+        covered: list[_Key] = []
+        to_write: list[_Key] = []
+        for k, grant in zip(ready, grants, strict=True):
+            if not grant.held:
+                k.lease_waits += 1
+                poll = min(_LEASE_POLL_MAX, _LEASE_POLL_MIN * 2 ** min(k.lease_waits, 8))
+                k.not_before = now + poll * random.uniform(0.5, 1.5)
+                continue
+            k.lease_waits = 0
+            held.append(k)
+            (covered if not k.force and grant.covers(k.max_id) else to_write).append(k)
+        try:
+            failures = await self._read_and_write(work, to_write)
+            if len(failures) < len(to_write):
+                await self._flush()
+        except BaseException:
+            await self._let_go(token, held)
+            raise
+        releases = [Release(k.db, k.hash) for k in covered]
+        releases += [
+            Release(k.db, k.hash, None if k in failures else _newest(tail, k.max_id))
+            for k in to_write
+        ]
+        still_ours = await self._leases.release(token, releases)
+        for k in covered:
+            self._settle(work, k, written=False)
+        for k, ours in zip(to_write, still_ours[len(covered) :], strict=True):
+            reason = failures.get(k)
+            if reason is not None:
+                self._failed(work, k, reason, now)
+            elif ours:
+                self._settle(work, k, written=True)
+            else:
+                # Someone else held the lease while our write was in flight, so ours may have
+                # landed after theirs: read and write again, whatever the done marker says.
+                k.force = True
+                work.tally["redone"] += 1
+                self._stats.redone += 1
+                self._log.info("upload.lease_lost", db=k.db, key=_show(k.key))
+
+    async def _read_and_write(self, work: _Work, to_write: list[_Key]) -> dict[_Key, str]:
+        """Read and write ``to_write``; returns the keys that failed for good, with reasons.
+
+        Raises the first transient storage error after every write of the round has ended.
+        """
+        failures: dict[_Key, str] = {}
+        records: list[tuple[_Key, KeyRecord]] = []
+        by_db: dict[int, list[_Key]] = {}
+        for k in to_write:
+            by_db.setdefault(k.db, []).append(k)
+        for db, keys in by_db.items():
+            try:
+                results = await self._source.read(
+                    db, [k.key for k in keys], [k.max_id for k in keys]
+                )
+            except ResponseError as exc:
+                failures.update({k: f"source refused to read db {db}: {exc}" for k in keys})
+                continue
+            for k, res in zip(keys, results, strict=True):
+                if isinstance(res, KeyReadError):
+                    failures[k] = res.reason
+                else:
+                    records.append((k, res))
+        unavailable: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            for k, rec in records:
+                tg.start_soon(self._write, work, k, rec, failures, unavailable)
+        if unavailable:
+            raise unavailable[0]
+        return failures
+
+    async def _write(
+        self,
+        work: _Work,
+        k: _Key,
+        rec: KeyRecord,
+        failures: dict[_Key, str],
+        unavailable: list[Exception],
+    ) -> None:
+        prefix = self._cfg.path_prefix
+        if self._cfg.versioning:
+            name = version_name(prefix, k.db, k.key, rec.read_at_us, tombstone=rec.tombstone)
+        else:
+            name = latest_name(prefix, k.db, k.key)
+        async with self._limiter:
+            try:
+                with anyio.fail_after(self._call_timeout):
+                    if rec.tombstone and not self._cfg.versioning:
+                        await self._storage.delete(name)
+                    else:
+                        await self._storage.put(name, await _encode(rec))
+            except ObjectRejected as exc:
+                failures[k] = f"storage rejected {name}: {exc}"
+                return
+            except TimeoutError:
+                unavailable.append(
+                    StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
+                )
+                return
+            except (StorageError, OSError) as exc:
+                unavailable.append(exc)
+                return
+        if rec.tombstone:
+            self._stats.deletes += 1
+            work.tally["deletes"] += 1
+        else:
+            self._stats.puts += 1
+            work.tally["puts"] += 1
+
+    async def _flush(self) -> None:
+        try:
+            with anyio.fail_after(self._call_timeout):
+                await self._storage.flush()
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"storage flush took over {self._call_timeout} s") from exc
+
+    async def _let_go(self, token: str, held: list[_Key]) -> None:
+        """Release ``held`` without advancing markers, so others need not wait them out."""
+        if not held:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            with contextlib.suppress(*TRANSIENT):
+                await self._leases.release(token, [Release(k.db, k.hash) for k in held])
+
+    def _settle(self, work: _Work, k: _Key, *, written: bool) -> None:
+        del work.keys[(k.db, k.key)]
+        work.acks.extend(entry_id for entry_id, _ in k.entries)
+        n = len(k.entries)
+        self._stats.coalesced += n - 1 if written else n
+        if not written:
+            work.tally["skipped"] += n
+
+    def _failed(self, work: _Work, k: _Key, reason: str, now: float) -> None:
+        k.attempts += 1
+        if k.attempts >= self._cfg.max_attempts:
+            del work.keys[(k.db, k.key)]
+            work.dead.extend(DeadLetter(eid, f, reason, k.attempts) for eid, f in k.entries)
+            return
+        self._log.warning(
+            "upload.key_failed", db=k.db, key=_show(k.key), attempts=k.attempts, reason=reason
+        )
+        k.not_before = now + min(self._cfg.max_backoff, 0.1 * 2 ** (k.attempts - 1))
+
+    async def _commit(self, work: _Work) -> None:
+        """Dead-letter and acknowledge what the rounds so far settled."""
+        cfg = self._cfg
+        if work.dead:
+            await deadletter.move(
+                self._r,
+                dead=cfg.own.dead,
+                stream=cfg.own.stream,
+                group=cfg.group,
+                consumer=cfg.consumer,
+                letters=work.dead,
+            )
+            for d in work.dead:
+                self._log.warning(
+                    "upload.dead_lettered",
+                    entry=d.entry_id,
+                    key=_show(d.fields.get(b"key", b"")),
+                    reason=d.reason,
+                    attempts=d.attempts,
+                )
+            self._done_with([d.entry_id for d in work.dead])
+            self._stats.dead_lettered += len(work.dead)
+            work.tally["dead"] += len(work.dead)
+            work.dead = []
+        if work.acks:
+            await self._r.xack(cfg.own.stream, cfg.group, *work.acks)
+            self._done_with(work.acks)
+            work.acks = []
+
+    def _done_with(self, ids: list[str]) -> None:
+        self._stats.entries_acked += len(ids)
+        self._in_hand.difference_update(ids)
+
+
+async def _encode(rec: KeyRecord) -> bytes:
+    if len(rec.payload) > _ENCODE_IN_THREAD:
+        return await anyio.to_thread.run_sync(encode, rec)
+    return encode(rec)
+
+
+def _newest(a: str | None, b: str) -> str:
+    return b if a is None or id_tuple(b) >= id_tuple(a) else a
+
+
+def _show(key: bytes) -> str:
+    """A key as log text: readable, and bounded however long the key is."""
+    text = key[:200].decode("utf-8", errors="backslashreplace")
+    return text + "…" if len(key) > 200 else text

@@ -1,0 +1,344 @@
+"""rrb-upload: members of one consumer group that copy changed keys from the source to storage.
+
+An uploader process runs:
+
+- one **reader** task: ``XREADGROUP`` (``COUNT batch_size``, ``BLOCK`` up to 1 s); a short
+  batch lingers up to ``linger`` seconds to fill, so a hot key's changes arrive together. Every
+  ``claim_idle / 2`` it also ``XAUTOCLAIM``s entries idle for ``claim_idle``: those of consumers
+  that died. Batches go through a memory object stream without a buffer to ``concurrency``
+  batch workers, so at most ``concurrency + 1`` batches are in memory;
+- ``concurrency`` **batch workers** (:mod:`rrb_streams.batch`): leases, one source read per db,
+  storage writes (all workers share one limiter of ``concurrency`` storage calls), ``flush()``,
+  lease release, then ``XACK``. Nothing is acknowledged before storage confirmed it;
+- a **keep-alive** task that resets the idle time of every entry this process holds
+  (``XCLAIM … JUSTID`` to itself), so while it waits out a storage outage, or a batch waits in
+  the stream to the workers, live consumers do not claim its work;
+- a **trim** task: ``changes.trim`` every ``trim_interval`` seconds.
+
+**Last write wins per key.** Each key is read and written under a per-key lease on the stream
+Redis, and read only after the lease is taken, so a later holder always stores a newer state. A
+holder whose lease ran out during its write (its write may have landed after a newer one) reads
+and writes the key again. Entries whose change a stored object already covers (the key's done
+marker) are acknowledged without a read or a write. The residual case is a storage write that
+the server commits after the client gave up on it: nothing redoes it until the key changes
+again. :mod:`rrb_streams.lease` has the full argument.
+
+:meth:`Uploader.stop` stops reading, lets the workers finish and acknowledge what they hold, and
+returns. A consumer left with nothing pending is then deleted from the group, so restarts under
+fresh names do not pile up dead consumers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from rrb_streams.batch import TRANSIENT, Batch, BatchProcessor, Entry, UploadStats
+from rrb_streams.changes import ensure_group, trim
+from rrb_streams.config import UploadConfig
+from rrb_streams.connections import connect, ping, redact_url
+from rrb_streams.errors import DependencyError
+from rrb_streams.lease import Leases
+from rrb_streams.logs import get_logger
+from rrb_streams.retrying import Retrying
+from rrb_streams.source import Source
+from rrb_streams.storage.base import Storage
+
+MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
+_XCLAIM_CHUNK = 1000
+
+
+class Uploader:
+    """One uploader process: a member ``cfg.consumer`` of the group ``cfg.group``.
+
+    ``storage`` belongs to the caller, who opens, checks and closes it.
+    """
+
+    def __init__(self, cfg: UploadConfig, storage: Storage) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        self.stats = UploadStats()
+        self._source = Source(cfg.source_url)
+        self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
+        self._stop_requested = False
+        self._read_scope: anyio.CancelScope | None = None
+        self._in_hand: set[str] = set()  # entries read and not yet acknowledged
+
+    # Counters for tests and metrics; see UploadStats.
+    @property
+    def entries_acked(self) -> int:
+        return self.stats.entries_acked
+
+    @property
+    def puts(self) -> int:
+        return self.stats.puts
+
+    @property
+    def deletes(self) -> int:
+        return self.stats.deletes
+
+    @property
+    def coalesced(self) -> int:
+        return self.stats.coalesced
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.stats.dead_lettered
+
+    @property
+    def claimed(self) -> int:
+        return self.stats.claimed
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume until :meth:`stop`; then finish and acknowledge in-flight batches, return.
+
+        Raises ``DependencyError`` before ``task_status.started()`` when the source or the
+        stream Redis cannot be reached; later outages are retried with capped backoff.
+        """
+        cfg = self.cfg
+        r = connect(cfg.effective_stream_url, name="rrb-upload")
+        try:
+            await self._start(r)
+            processor = BatchProcessor(
+                cfg,
+                self.storage,
+                r,
+                self._source,
+                Leases(r, cfg.own, cfg.own.stream, lease_s=cfg.lease),
+                anyio.CapacityLimiter(cfg.concurrency),
+                self.stats,
+                self._in_hand,
+                self._log,
+            )
+            task_status.started()
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._keep_alive, r)
+                background.start_soon(self._trim, r)
+                send, receive = anyio.create_memory_object_stream[Batch](0)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read, r, send)
+                    for _ in range(cfg.concurrency):
+                        tg.start_soon(self._work, processor, receive.clone())
+                    receive.close()
+                background.cancel_scope.cancel()
+            await self._forget_consumer(r)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._source.close()
+                await r.aclose()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop reading, finish its in-flight batches and return."""
+        self._stop_requested = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def _start(self, r: Redis) -> None:
+        cfg = self.cfg
+        await ping(r, cfg.effective_stream_url, "stream Redis")
+        await self._source.check()
+        try:
+            await ensure_group(r, cfg.own.stream, cfg.group)
+        except RedisError as exc:
+            raise DependencyError(
+                f"cannot create group {cfg.group!r} on {cfg.own.stream!r} at "
+                f"{redact_url(cfg.effective_stream_url)}: {exc}"
+            ) from exc
+
+    async def _work(
+        self, processor: BatchProcessor, receive: MemoryObjectReceiveStream[Batch]
+    ) -> None:
+        async with receive:
+            async for batch in receive:
+                await processor.process(batch)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _read(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+        cfg = self.cfg
+        retrying = Retrying(self._log, "upload", "read", cap=cfg.max_backoff)
+        swept = False
+        group_missing = False
+        next_claim = anyio.current_time()
+        async with send:
+            while not self._stop_requested:
+                entries: list[Entry] = []
+                try:
+                    if group_missing:
+                        await ensure_group(r, cfg.own.stream, cfg.group)
+                        self._log.warning("upload.group_recreated", group=cfg.group)
+                        group_missing = False
+                    if not swept:
+                        # Our own entries from before a restart under the same name.
+                        await self._sweep(r, send)
+                        swept = True
+                    if anyio.current_time() >= next_claim:
+                        await self._claim(r, send)
+                        next_claim = anyio.current_time() + cfg.claim_idle / 2
+                    block = min(MAX_BLOCK, max(0.001, next_claim - anyio.current_time()))
+                    entries = await self._next_batch(r, block)
+                except TRANSIENT as exc:
+                    # The stream or the group was deleted (a FLUSHALL, an operator): recreate.
+                    group_missing = isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+                    with self._stoppable():
+                        await retrying.failed("reader", exc)
+                    continue
+                retrying.succeeded("reader")
+                if entries:
+                    self._in_hand.update(entry_id for entry_id, _ in entries)
+                    await send.send(Batch(entries))
+            # A read that stop() cancelled may have been delivered to us and lost on the way:
+            # such entries are pending on this consumer, so take them from its history.
+            try:
+                await self._sweep(r, send)
+            except TRANSIENT as exc:
+                self._log.warning("upload.final_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _next_batch(self, r: Redis, block: float) -> list[Entry]:
+        """One batch of new entries: a blocking read, then top-ups while lingering.
+
+        :meth:`stop` cancels it; entries already received are kept.
+        """
+        cfg = self.cfg
+        got: list[Entry] = []
+        with self._stoppable():
+            got += await self._xreadgroup(r, ">", cfg.batch_size, max(1, int(block * 1000)))
+            deadline = anyio.current_time() + cfg.linger
+            while got and len(got) < cfg.batch_size:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    break
+                await anyio.sleep(min(remaining, cfg.linger / 4))
+                got += await self._xreadgroup(r, ">", cfg.batch_size - len(got), None)
+        return got
+
+    @contextlib.contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """A scope that :meth:`stop` cancels: for the reader's waits, never for its sends."""
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
+            if self._stop_requested:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                self._read_scope = None
+
+    async def _xreadgroup(
+        self, r: Redis, start: str, count: int, block_ms: int | None
+    ) -> list[Entry]:
+        reply = await r.xreadgroup(
+            self.cfg.group,
+            self.cfg.consumer,
+            {self.cfg.own.stream: start},
+            count=count,
+            block=block_ms,
+        )
+        if not reply:
+            return []
+        streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+        return [e for entries in streams for e in _entries(entries)]
+
+    async def _sweep(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+        """Process this consumer's pending entries that are not in hand (its history)."""
+        last = "0"
+        while True:
+            # Snapshot first: an entry a worker acks during the read is in the snapshot.
+            known = set(self._in_hand)
+            entries = await self._xreadgroup(r, last, self.cfg.batch_size, None)
+            if not entries:
+                return
+            last = entries[-1][0]
+            fresh = [e for e in entries if e[0] not in known]
+            if fresh:
+                self._in_hand.update(entry_id for entry_id, _ in fresh)
+                await send.send(Batch(fresh, redo=True))
+
+    async def _claim(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+        """Take over entries idle for ``claim_idle``: their consumer is dead or stuck."""
+        cfg = self.cfg
+        start: Any = "0-0"
+        while True:
+            known = set(self._in_hand)  # see _sweep
+            start, claimed, *_ = await r.xautoclaim(
+                cfg.own.stream,
+                cfg.group,
+                cfg.consumer,
+                int(cfg.claim_idle * 1000),
+                start,
+                count=cfg.batch_size,
+            )
+            fresh = [e for e in _entries(claimed) if e[0] not in known]
+            if fresh:
+                self.stats.claimed += len(fresh)
+                self._log.info(
+                    "upload.claimed", entries=len(fresh), first=fresh[0][0], last=fresh[-1][0]
+                )
+                self._in_hand.update(entry_id for entry_id, _ in fresh)
+                await send.send(Batch(fresh, redo=True))
+            if _text(start) == "0-0" or self._stop_requested:
+                return
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def _keep_alive(self, r: Redis) -> None:
+        cfg = self.cfg
+        # Entries another consumer claimed from us less than this long ago stay theirs.
+        min_idle_ms = int(cfg.claim_idle * 1000 / 6)
+        while True:
+            await anyio.sleep(cfg.claim_idle / 3)
+            ids: list[Any] = list(self._in_hand)
+            try:
+                for i in range(0, len(ids), _XCLAIM_CHUNK):
+                    await r.xclaim(
+                        cfg.own.stream,
+                        cfg.group,
+                        cfg.consumer,
+                        min_idle_ms,
+                        ids[i : i + _XCLAIM_CHUNK],
+                        justid=True,
+                    )
+            except TRANSIENT as exc:
+                self._log.debug("upload.keep_alive_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _trim(self, r: Redis) -> None:
+        while True:
+            await anyio.sleep(self.cfg.trim_interval)
+            try:
+                n = await trim(r, self.cfg.own.stream)
+            except TRANSIENT as exc:
+                self._log.debug("upload.trim_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if n:
+                self._log.info("upload.trimmed", entries=n)
+
+    async def _forget_consumer(self, r: Redis) -> None:
+        """Delete this consumer from the group when nothing is pending on it."""
+        cfg = self.cfg
+        try:
+            mine = await r.xpending_range(
+                cfg.own.stream, cfg.group, "-", "+", 1, consumername=cfg.consumer
+            )
+            if not mine:
+                await r.xgroup_delconsumer(cfg.own.stream, cfg.group, cfg.consumer)
+        except TRANSIENT as exc:
+            self._log.warning("upload.forget_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._log.info("upload.stopped", consumer_removed=not mine, **asdict(self.stats))
+
+
+def _entries(raw: Iterable[Any]) -> list[Entry]:
+    """``(id, fields)`` pairs from a parsed XREADGROUP / XAUTOCLAIM reply, ids as text."""
+    return [(_text(entry_id), fields or {}) for entry_id, fields in raw if entry_id is not None]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
