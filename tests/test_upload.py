@@ -18,7 +18,7 @@ from rrb_streams import codec
 from rrb_streams.changes import DEFAULT_GROUP, OwnKeys, entry_fields
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import DependencyError
-from rrb_streams.layout import latest_name, parse_name
+from rrb_streams.layout import key_hash, latest_name, parse_name
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.faulty import FaultyStorage
 from rrb_streams.storage.memory import MemoryStorage
@@ -607,3 +607,36 @@ async def test_upload_source_outage_retries_and_recovers(
             await until(lambda: drained(s))
     assert latest(storage, b"k") is not None
     assert [e["stage"] for e in logs if e["event"] == "upload.recovered"] == ["batch"]
+
+
+@pytest.mark.anyio
+async def test_upload_acks_entries_a_done_marker_covers_without_a_put(
+    redis_server: RedisServer,
+) -> None:
+    storage = MemoryStorage()
+    u = Uploader(config(redis_server), storage)
+    with redis_server.client() as c:
+        c.set("k", "v")
+        [entry] = note(c, "k")
+        c.set(OWN.done(0, key_hash(b"k")), entry)  # another uploader stored a later read
+        async with running(u):
+            await until(lambda: drained(c))
+    assert u.puts == 0 and u.coalesced == 1 and u.entries_acked == 1 and storage.objects == {}
+
+
+@pytest.mark.anyio
+async def test_upload_rewrites_claimed_entries_whatever_the_done_marker_says(
+    redis_server: RedisServer,
+) -> None:
+    # The dead consumer may have died between a stale write landing and its redo.
+    storage = MemoryStorage()
+    u = Uploader(config(redis_server, claim_idle=0.3), storage)
+    with redis_server.client() as c:
+        create_group(c)
+        c.set("k", "v")
+        [entry] = note(c, "k")
+        c.xreadgroup(GROUP, "dead", {STREAM: ">"})
+        c.set(OWN.done(0, key_hash(b"k")), entry)
+        async with running(u):
+            await until(lambda: drained(c), within=5)
+    assert u.claimed == 1 and u.puts == 1 and latest(storage, b"k") is not None
