@@ -318,7 +318,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
 
     async def body() -> None:
         from rrb_streams.bridge import Bridge
-        from rrb_streams.service import serve
+        from rrb_streams.service import Component, serve
         from rrb_streams.upload import Uploader
 
         lines = [f"[*] Connecting to Redis {redact_url(bridge_cfg.source_url)}..."]
@@ -334,7 +334,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
             lines.append("[*] Versioning enabled: every change is kept")
         storage = await _open_checked_storage(upload_cfg.storage)
         try:
-            components = [Bridge(bridge_cfg), Uploader(upload_cfg, storage)]
+            components: list[Component] = [Bridge(bridge_cfg), Uploader(upload_cfg, storage)]
 
             def started() -> None:
                 _say(
