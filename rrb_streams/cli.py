@@ -309,7 +309,12 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     _add_bridge_options(p)
     _add_upload_options(p, "upload workers: concurrent storage writes (default: 4)")
     args = p.parse_args(argv)
-    configure(debug=args.debug, quiet=args.quiet)
+    # On a terminal the start-up summary speaks for rrb; routine logs would bury it.
+    configure(
+        debug=args.debug,
+        quiet=args.quiet,
+        default_level="WARNING" if sys.stderr.isatty() else "INFO",
+    )
     try:
         bridge_cfg = _bridge_config(args)
         upload_cfg = _upload_config(args, parse_storage_url(args.storage))

@@ -14,14 +14,23 @@ from typing import Any
 import structlog
 
 
-def configure(*, debug: bool = False, quiet: bool = False, json: bool | None = None) -> None:
-    """Set up structlog for a command. Call once, before anything logs."""
+def configure(
+    *,
+    debug: bool = False,
+    quiet: bool = False,
+    json: bool | None = None,
+    default_level: str = "INFO",
+) -> None:
+    """Set up structlog for a command. Call once, before anything logs.
+
+    ``default_level`` applies when neither ``--debug``, ``-q`` nor ``LOG_LEVEL`` says otherwise.
+    """
     if debug:
         level = logging.DEBUG
     elif quiet:
         level = logging.WARNING
     else:
-        name = os.environ.get("LOG_LEVEL", "INFO").upper()
+        name = os.environ.get("LOG_LEVEL", default_level).upper()
         level = logging.getLevelNamesMapping().get(name, logging.INFO)
     if json is None:
         json = not sys.stderr.isatty()
