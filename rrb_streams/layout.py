@@ -24,7 +24,8 @@ TOMBSTONE_SUFFIX = ".tombstone"
 
 _NAME = re.compile(
     r"^(?P<prefix>.*?)db(?P<db>\d+)/(?P<fan>[0-9a-f]{2})/(?P<hash>[0-9a-f]{64})"
-    r"(?:\.backup|/(?P<version>\d{17})(?P<suffix>\.backup|\.tombstone))$"
+    r"(?:\.backup|/(?P<version>\d{17})(?P<suffix>\.backup|\.tombstone))",
+    re.ASCII,  # \d must not match other scripts' digits, which int() would accept
 )
 
 
@@ -84,7 +85,7 @@ def parse_name(name: str, prefix: str = "") -> ParsedName | None:
     """Parse one of our object names under ``prefix``; ``None`` when it is not one of ours."""
     if not name.startswith(prefix):
         return None
-    m = _NAME.match(name[len(prefix) :])
+    m = _NAME.fullmatch(name[len(prefix) :])  # "$" would also accept a trailing "\n"
     if m is None or m["prefix"] or m["fan"] != m["hash"][:2]:
         return None
     version = m["version"]
