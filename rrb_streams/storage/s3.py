@@ -1,0 +1,358 @@
+"""S3-compatible storage through aioboto3.
+
+Only object calls are made: PutObject (and its multipart form), GetObject, ListObjectsV2 and
+DeleteObject. A policy granting ``s3:PutObject``, ``s3:GetObject``, ``s3:DeleteObject``,
+``s3:ListBucket`` and ``s3:AbortMultipartUpload`` on the bucket is enough. No ACL or bucket
+administration call is ever made, so the bucket must exist.
+
+botocore's errors are translated here, at the boundary:
+
+=======================================================  =====================
+NoSuchKey, 404 on an object                              ``ObjectNotFound``
+NoSuchBucket                                             ``DependencyError``
+AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch,
+other 403s, missing credentials, clock skew              ``DependencyError``
+connection errors, timeouts, 5xx, 429, SlowDown          ``StorageUnavailable``
+any other 4xx                                            ``ObjectRejected``
+=======================================================  =====================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+import anyio
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from rrb_streams.errors import (
+    DependencyError,
+    ObjectNotFound,
+    ObjectRejected,
+    RrbError,
+    StorageUnavailable,
+)
+from rrb_streams.logs import get_logger
+from rrb_streams.storage.base import ObjectInfo, Storage, check_name
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB  # S3 refuses smaller parts, except the last one
+MAX_PARTS = 10_000
+_ABORT_TIMEOUT = 30.0
+
+_REFUSED = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+    }
+)
+_TRANSIENT = frozenset(
+    {
+        "InternalError",
+        "OperationAborted",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+    }
+)
+
+
+class S3Storage:
+    """Objects under ``base`` in one bucket of an S3-compatible service.
+
+    ``endpoint_url`` selects a non-AWS service (MinIO, moto, …); path-style addressing is
+    used then, since such services rarely have per-bucket DNS names. Without ``access_key`` and
+    ``secret_key`` the standard AWS credential chain applies.
+
+    Keyword knobs: ``page_size`` (keys per ListObjectsV2 page), ``part_size`` and
+    ``multipart_threshold`` (values larger than the threshold are sent in parts),
+    ``max_connections`` (the HTTP pool; size it to the number of concurrent callers),
+    ``max_attempts`` (tries per call, the first included), ``connect_timeout`` and
+    ``read_timeout`` (seconds).
+
+    One client serves the backend's whole life: it is opened on first use and closed by
+    :meth:`close`. Constructing the object opens nothing.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        base: str = "",
+        endpoint_url: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        region: str | None = None,
+        *,
+        page_size: int = 1000,
+        part_size: int = 8 * MiB,
+        multipart_threshold: int | None = None,
+        max_connections: int = 32,
+        max_attempts: int = 3,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+    ) -> None:
+        if not 1 <= page_size <= 1000:
+            raise ValueError(f"page_size must be 1 to 1000, not {page_size}")
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE}, not {part_size}")
+        parts = [p for p in base.split("/") if p]
+        self.bucket = bucket
+        self.base = "/".join(parts) + "/" if parts else ""
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self.page_size = page_size
+        self.part_size = part_size
+        self.multipart_threshold = part_size if multipart_threshold is None else multipart_threshold
+        self._config = AioConfig(
+            # botocore's default "legacy" mode retries few error kinds with no retry budget.
+            # "standard" retries throttling (SlowDown), 5xx and reset connections with jittered
+            # exponential backoff and a retry quota that stops retry storms. Attempts stay few:
+            # callers run their own capped backoff and keep the work pending, so an outage
+            # should surface within seconds as StorageUnavailable rather than hide inside one
+            # call for minutes.
+            # (botocore's "max_attempts" here would count retries only; "total_max_attempts"
+            # counts the first try too, as our knob does.)
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            # A black-holed endpoint must fail fast; a slow one gets time to answer a part.
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # botocore's default pool of 10 would silently queue the 11th concurrent call.
+            max_pool_connections=max_connections,
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        self._client: S3Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._lock = anyio.Lock()
+        self._log = get_logger("storage", backend="s3", bucket=bucket)
+
+    @property
+    def description(self) -> str:
+        """``s3://bucket/base``."""
+        return f"s3://{self.bucket}/{self.base}"
+
+    @property
+    def _endpoint(self) -> str:
+        return self.endpoint_url or "AWS S3"
+
+    def __repr__(self) -> str:
+        credentials = "explicit" if self._secret_key else "default chain"
+        return (
+            f"S3Storage(bucket={self.bucket!r}, base={self.base!r}, "
+            f"endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+            f"credentials={credentials!r})"
+        )
+
+    async def _get_client(self) -> S3Client:
+        client = self._client
+        if client is not None:
+            return client
+        async with self._lock:
+            if (opened := self._client) is not None:
+                return opened  # another task opened it while we waited
+            session = aioboto3.Session(
+                aws_access_key_id=self._access_key,
+                aws_secret_access_key=self._secret_key,
+                region_name=self.region,
+            )
+            stack = AsyncExitStack()
+            new: S3Client = await stack.enter_async_context(
+                session.client("s3", endpoint_url=self.endpoint_url, config=self._config)
+            )
+            self._client, self._stack = new, stack
+            self._log.debug("storage.client_opened", endpoint=self._endpoint)
+            return new
+
+    async def check(self) -> None:
+        """Raise ``DependencyError`` naming the bucket (and the endpoint when unreachable)
+        if the bucket is missing, unreachable, or refuses the credentials. Creates nothing."""
+        try:
+            client = await self._get_client()
+            with self._translated(None):
+                await client.list_objects_v2(Bucket=self.bucket, Prefix=self.base, MaxKeys=1)
+        except DependencyError:
+            raise
+        except StorageUnavailable as exc:
+            raise DependencyError(
+                f"cannot reach S3 endpoint {self._endpoint} for bucket {self.bucket!r}: "
+                f"{exc.__cause__ or exc}"
+            ) from exc.__cause__
+        except RrbError as exc:
+            raise DependencyError(
+                f"bucket {self.bucket!r} at {self._endpoint} is not usable: {exc}"
+            ) from exc.__cause__
+
+    async def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` as one object; multipart above ``multipart_threshold``.
+
+        A failed or cancelled multipart upload is aborted, so no partial object appears.
+        """
+        check_name(name)
+        client = await self._get_client()
+        key = self.base + name
+        if len(data) > self.multipart_threshold:
+            await self._put_multipart(client, name, key, data)
+            return
+        with self._translated(name):
+            await client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream"
+            )
+
+    async def _put_multipart(self, client: S3Client, name: str, key: str, data: bytes) -> None:
+        part_size = max(self.part_size, -(-len(data) // MAX_PARTS))
+        with self._translated(name):
+            created = await client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+            )
+        upload_id = created["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            for number, start in enumerate(range(0, len(data), part_size), start=1):
+                with self._translated(name):
+                    uploaded = await client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=data[start : start + part_size],
+                    )
+                parts.append({"PartNumber": number, "ETag": uploaded["ETag"]})
+            with self._translated(name):
+                await client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                )
+        except BaseException:
+            # Also on cancellation: parts of an unfinished upload are billed until aborted.
+            with anyio.move_on_after(_ABORT_TIMEOUT, shield=True):
+                try:
+                    await client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                except (BotoCoreError, ClientError) as exc:
+                    self._log.warning("storage.multipart_abort_failed", name=name, error=repr(exc))
+            raise
+
+    async def get(self, name: str) -> bytes:
+        """Return the object's bytes; ``ObjectNotFound`` naming it when absent."""
+        client = await self._get_client()
+        with self._translated(name):
+            response = await client.get_object(Bucket=self.bucket, Key=self.base + name)
+            async with response["Body"] as body:
+                return await body.read()
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under ``base + prefix`` in ascending order, one page in memory."""
+        client = await self._get_client()
+        skip = len(self.base)
+        token: str | None = None
+        while True:
+            with self._translated(None):
+                if token is None:
+                    page = await client.list_objects_v2(
+                        Bucket=self.bucket, Prefix=self.base + prefix, MaxKeys=self.page_size
+                    )
+                else:
+                    page = await client.list_objects_v2(
+                        Bucket=self.bucket,
+                        Prefix=self.base + prefix,
+                        MaxKeys=self.page_size,
+                        ContinuationToken=token,
+                    )
+            for obj in page.get("Contents", []):
+                name = obj["Key"][skip:]
+                if name:  # the base itself, if someone made a "folder" object there
+                    yield ObjectInfo(name, obj["Size"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def delete(self, name: str) -> None:
+        """Remove the object; S3 answers success for an absent key, so this is idempotent."""
+        client = await self._get_client()
+        with self._translated(name):
+            await client.delete_object(Bucket=self.bucket, Key=self.base + name)
+
+    async def flush(self) -> None:
+        """No-op: S3 has stored an object durably when the PUT returns."""
+        await anyio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        """Close the client and its connection pool. Idempotent."""
+        async with self._lock:
+            stack, self._stack, self._client = self._stack, None, None
+            if stack is not None:
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
+
+    @contextlib.contextmanager
+    def _translated(self, name: str | None) -> Iterator[None]:
+        """Turn botocore's errors into ours; ``name`` is the object concerned, if one is."""
+        try:
+            yield
+        except ClientError as exc:
+            raise self._client_error(exc, name) from exc
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise DependencyError(
+                f"no usable S3 credentials for bucket {self.bucket!r}: set S3_ACCESS_KEY and "
+                "S3_SECRET_KEY or configure the AWS credential chain"
+            ) from exc
+        except ParamValidationError as exc:
+            raise ObjectRejected(f"{self._what(name)} rejected before sending: {exc}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise StorageUnavailable(
+                f"{self.description} unavailable at {self._endpoint}: {exc}"
+            ) from exc
+
+    def _what(self, name: str | None) -> str:
+        return f"object {name!r} in {self.description}" if name else self.description
+
+    def _client_error(self, exc: ClientError, name: str | None) -> RrbError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message", "")) or code
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if code == "NoSuchBucket":
+            return DependencyError(f"bucket {self.bucket!r} does not exist at {self._endpoint}")
+        if code in _REFUSED or status == 403:
+            return DependencyError(
+                f"credentials were refused for bucket {self.bucket!r} at {self._endpoint} "
+                f"({code or status}: {message})"
+            )
+        if code in ("NoSuchKey", "NotFound", "404") and name is not None:
+            return ObjectNotFound(f"no object named {name!r} in {self.description}")
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return StorageUnavailable(
+                f"{self._what(name)} unavailable ({code or status}: {message})"
+            )
+        return ObjectRejected(f"{self._what(name)} rejected ({code or status}: {message})")
+
+
+_: Storage = S3Storage("x-bucket")

@@ -1,0 +1,247 @@
+"""The storage contract: every backend must pass every test here.
+
+Backends: memory, the filesystem (a tmp folder), and S3 on a moto server over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from rrb_streams.errors import ObjectNotFound
+from rrb_streams.storage.base import ObjectInfo, Storage
+from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.memory import MemoryStorage
+from rrb_streams.storage.s3 import S3Storage
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+pytestmark = pytest.mark.anyio
+
+# Bytewise order of these is not what a naive folder walk gives: '-' (0x2d) < '.' (0x2e)
+# < '/' (0x2f) < '0' (0x30), so "x/y/z" sorts between "x/y.z" and "x/y0". U+FFFD is EF BF BD
+# in UTF-8 and U+1F600 is F0 9F 98 80, so the emoji sorts last (in UTF-16 it would not).
+# No name is both an object and a folder ("a/b" with "a/b/c"): a filesystem cannot hold that.
+STRESS_NAMES = [
+    "a-c",
+    "a/b",
+    "a/b.x",
+    "a/c/d",
+    "a0",
+    "x/y-1",
+    "x/y.z",
+    "x/y/z",
+    "x/y/z0",
+    "x/y/zz/deep/er",
+    "x/y0",
+    "x/yy",
+    "Z",
+    "caf\u00e9",
+    "cafe",
+    "\ufffd",
+    "\U0001f600",
+    "db0/ab/" + "ab" * 32 + ".backup",
+    "db0/ab/" + "ab" * 32 + "/00001700000000000.backup",
+    "db0/ab/" + "ab" * 32 + "/00001700000000001.tombstone",
+]
+
+
+def utf8_sorted(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: n.encode("utf-8"))
+
+
+@pytest.fixture(params=["memory", "fs", "s3"])
+def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Storage]:
+    """Build the backend under test; ``small_pages`` forces S3 listing to page every 7 keys."""
+    kind: str = request.param
+    if kind == "s3":
+        bucket: str = request.getfixturevalue("s3_bucket")
+        endpoint: str = request.getfixturevalue("moto_endpoint")
+
+    def make(*, small_pages: bool = False) -> Storage:
+        if kind == "memory":
+            return MemoryStorage()
+        if kind == "fs":
+            return FsStorage(tmp_path / "store")
+        return S3Storage(
+            bucket,
+            base="some/base/",
+            endpoint_url=endpoint,
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+            region="us-east-1",
+            page_size=7 if small_pages else 1000,
+        )
+
+    return make
+
+
+@pytest.fixture
+async def storage(make_storage: Callable[..., Storage]) -> AsyncIterator[Storage]:
+    s = make_storage()
+    yield s
+    await s.close()
+
+
+async def listed(storage: Storage, prefix: str = "") -> list[ObjectInfo]:
+    return [info async for info in storage.list(prefix)]
+
+
+async def test_check_succeeds_on_a_usable_location(storage: Storage) -> None:
+    await storage.check()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00", bytes(range(256)) * 3, b"\xff" * 10_000, os.urandom(1 << 20)],
+    ids=["empty", "nul", "all-bytes", "10k", "1MiB-random"],
+)
+async def test_put_then_get_round_trips(storage: Storage, data: bytes) -> None:
+    await storage.put("dir/obj", data)
+    assert await storage.get("dir/obj") == data
+    assert await listed(storage) == [ObjectInfo("dir/obj", len(data))]
+
+
+async def test_put_replaces_the_previous_object(storage: Storage) -> None:
+    await storage.put("k", b"old value, longer")
+    await storage.put("k", b"new")
+    assert await storage.get("k") == b"new"
+    assert await listed(storage) == [ObjectInfo("k", 3)]
+
+
+async def test_put_is_idempotent(storage: Storage) -> None:
+    for _ in range(3):
+        await storage.put("k", b"same")
+    assert await storage.get("k") == b"same"
+    assert await listed(storage) == [ObjectInfo("k", 4)]
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "a//b", "a/../b", "./a", "a/", "nul\x00"])
+async def test_put_refuses_invalid_names(storage: Storage, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid object name"):
+        await storage.put(name, b"x")
+
+
+async def test_get_of_a_missing_object_names_it(storage: Storage) -> None:
+    with pytest.raises(ObjectNotFound, match="no/such/object"):
+        await storage.get("no/such/object")
+
+
+async def test_get_after_delete_raises_object_not_found(storage: Storage) -> None:
+    await storage.put("gone", b"x")
+    await storage.delete("gone")
+    with pytest.raises(ObjectNotFound, match="gone"):
+        await storage.get("gone")
+
+
+async def test_delete_is_idempotent(storage: Storage) -> None:
+    await storage.put("a/b", b"x")
+    await storage.put("a/c", b"y")
+    await storage.delete("a/b")
+    await storage.delete("a/b")
+    await storage.delete("never/existed")
+    assert await listed(storage) == [ObjectInfo("a/c", 1)]
+
+
+async def test_list_yields_names_in_bytewise_utf8_order(storage: Storage) -> None:
+    for i, name in enumerate(reversed(STRESS_NAMES)):
+        await storage.put(name, b"v" * i)
+    got = await listed(storage)
+    assert [i.name for i in got] == utf8_sorted(STRESS_NAMES)
+    sizes = {name: i for i, name in enumerate(reversed(STRESS_NAMES))}
+    assert all(info.size == sizes[info.name] for info in got)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["", "a", "a/", "a/b", "x/y", "x/y/", "x/y/z", "x/y-", "x/y0", "x/yy/", "caf", "db0/ab/", "q"],
+)
+async def test_list_yields_exactly_the_names_with_the_prefix(storage: Storage, prefix: str) -> None:
+    async with anyio.create_task_group() as tg:
+        for name in STRESS_NAMES:
+            tg.start_soon(storage.put, name, b"v")
+    expected = utf8_sorted([n for n in STRESS_NAMES if n.startswith(prefix)])
+    assert [i.name for i in await listed(storage, prefix)] == expected
+
+
+async def test_list_of_an_empty_location_yields_nothing(storage: Storage) -> None:
+    assert await listed(storage) == []
+    assert await listed(storage, "db0/") == []
+
+
+async def test_list_continues_across_pages(make_storage: Callable[..., Storage]) -> None:
+    storage = make_storage(small_pages=True)
+    try:
+        names = [f"p/{i:03d}" for i in range(45)]
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(storage.put, name, b"x")
+        await storage.put("q/outside", b"x")
+        assert [i.name for i in await listed(storage, "p/")] == names
+        assert len(await listed(storage)) == 46
+    finally:
+        await storage.close()
+
+
+async def test_list_reflects_deletes_and_overwrites(storage: Storage) -> None:
+    for name in ("d/1", "d/2", "d/3"):
+        await storage.put(name, b"x")
+    await storage.delete("d/2")
+    await storage.put("d/3", b"longer")
+    assert await listed(storage, "d/") == [ObjectInfo("d/1", 1), ObjectInfo("d/3", 6)]
+
+
+async def test_flush_keeps_everything_readable(storage: Storage) -> None:
+    await storage.flush()  # before anything was written
+    await storage.put("f/1", b"one")
+    await storage.put("f/2", b"two")
+    await storage.delete("f/2")
+    await storage.flush()
+    await storage.flush()
+    assert await storage.get("f/1") == b"one"
+    assert await listed(storage) == [ObjectInfo("f/1", 3)]
+
+
+async def test_close_is_idempotent_and_safe_before_use(
+    make_storage: Callable[..., Storage],
+) -> None:
+    unused = make_storage()
+    await unused.close()
+    await unused.close()
+    used = make_storage()
+    await used.put("k", b"v")
+    await used.close()
+    await used.close()
+
+
+async def test_concurrent_puts_all_land(storage: Storage) -> None:
+    names = [f"db0/{i % 7:02x}/{i:04d}.backup" for i in range(80)]
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(storage.put, name, name.encode())
+    await storage.flush()
+    assert [i.name for i in await listed(storage)] == utf8_sorted(names)
+    for name in names[::9]:
+        assert await storage.get(name) == name.encode()
+
+
+async def test_concurrent_puts_and_deletes_of_one_folder_never_fail(storage: Storage) -> None:
+    # On the filesystem a delete prunes the folder a racing put is about to write into.
+    async def churn(i: int) -> None:
+        for _ in range(10):
+            await storage.put(f"hot/{i}", b"x")
+            await storage.delete(f"hot/{i}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(churn, i)
+    assert await listed(storage) == []
+
+
+async def test_description_is_a_safe_location(storage: Storage) -> None:
+    assert storage.description.split("://")[0] in ("memory", "file", "s3")
+    assert S3_SECRET_KEY not in storage.description
+    assert S3_SECRET_KEY not in repr(storage)
