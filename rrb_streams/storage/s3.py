@@ -145,6 +145,11 @@ class S3Storage:
             # botocore's default pool of 10 would silently queue the 11th concurrent call.
             max_pool_connections=max_connections,
             s3={"addressing_style": "path"} if endpoint_url else None,
+            # botocore >= 1.36 adds CRC32 checksums to every request by default; several
+            # S3-compatible servers (older MinIO, Ceph RGW, R2) reject them. Our objects carry
+            # their own SHA-256, so send checksums only where the API requires them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         self._client: S3Client | None = None
         self._stack: AsyncExitStack | None = None
