@@ -6,14 +6,17 @@
    however many entries name it.
 3. Rounds run until every key is settled. Each round:
 
-   a. takes the leases of the keys that are ready and reads their done markers (one round trip,
-      see :mod:`rrb_streams.lease`);
+   a. takes the leases of the keys that are ready and reads their done markers and their
+      fields of the stored-keys index (one round trip, see :mod:`rrb_streams.lease`);
    b. settles without a read every key whose done marker covers its newest entry;
-   c. reads the other keys from the source, one transaction per db;
-   d. writes their objects concurrently, bounded by the process-wide limiter, then calls
+   c. reads the other keys from the source, one transaction per db, and settles without a
+      write every key whose state has the digest the index holds: storage has it already;
+   d. marks the keys about to be written as unknown in the index (one round trip), writes
+      their objects concurrently, bounded by the process-wide limiter, then calls
       ``storage.flush()``;
-   e. releases the leases, advancing the done markers; a key whose lease was lost meanwhile is
-      redone in a later round;
+   e. releases the leases, advancing the done markers and storing the new digests (or
+      removing the fields of absent keys); a key whose lease was lost meanwhile is redone in a
+      later round, and a redo always writes;
    f. acknowledges the entries of the settled keys.
 
    A key whose lease another uploader holds waits a short jittered while and joins a later
@@ -37,12 +40,13 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams import deadletter
+from rrb_streams import deadletter, index
 from rrb_streams.changes import id_tuple, parse_entry
 from rrb_streams.codec import KeyRecord, encode
 from rrb_streams.config import UploadConfig
 from rrb_streams.deadletter import DeadLetter
 from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
+from rrb_streams.index import Stored
 from rrb_streams.layout import key_hash, latest_name, version_name
 from rrb_streams.lease import Leases, Release
 from rrb_streams.retrying import Retrying
@@ -79,6 +83,7 @@ class UploadStats:
     puts: int = 0  # key states written
     deletes: int = 0  # absences recorded: latest object deleted, or a tombstone written
     coalesced: int = 0  # entries acknowledged without a write of their own
+    unchanged: int = 0  # keys read and found as storage holds them already: no write
     dead_lettered: int = 0
     claimed: int = 0  # entries taken over from other consumers
     redone: int = 0  # keys written again because their lease ran out during the write
@@ -89,12 +94,22 @@ class _Key:
     db: int
     key: bytes
     hash: str
-    force: bool  # ignore the done marker: see Batch.redo and lease.py
+    force: bool  # ignore the done marker and the index: see Batch.redo and lease.py
     entries: list[Entry] = field(default_factory=list)
     max_id: str = "0-0"
     attempts: int = 0
     lease_waits: int = 0
     not_before: float = 0.0
+    stored: bytes | None = None  # the index value read with the lease
+
+
+@dataclass(eq=False, slots=True)
+class _Outcome:
+    """What became of the keys of one round that were read: each is in exactly one field."""
+
+    failures: dict[_Key, str] = field(default_factory=dict)  # failed for good, with reasons
+    written: dict[_Key, bytes | None] = field(default_factory=dict)  # digest; None: absent
+    unchanged: list[_Key] = field(default_factory=list)  # storage held the state already
 
 
 @dataclass(eq=False, slots=True)
@@ -104,7 +119,9 @@ class _Work:
     acks: list[str] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     tally: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("puts", "deletes", "skipped", "redone", "dead"), 0)
+        default_factory=lambda: dict.fromkeys(
+            ("puts", "deletes", "unchanged", "skipped", "redone", "dead"), 0
+        )
     )
 
 
@@ -134,6 +151,9 @@ class BatchProcessor:
         self._log = log
         self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff)
         self._call_timeout = cfg.lease * CALL_TIMEOUT_LEASES
+        self._target = index.storage_target(
+            storage.description, cfg.path_prefix, versioning=cfg.versioning
+        )
 
     async def process(self, batch: Batch) -> None:
         """Settle every entry of ``batch``: written and acknowledged, or dead-lettered.
@@ -167,6 +187,7 @@ class BatchProcessor:
             keys=keys,
             puts=t["puts"],
             deletes=t["deletes"],
+            unchanged=t["unchanged"],
             skipped=t["skipped"],
             redone=t["redone"],
             dead_lettered=t["dead"],
@@ -210,7 +231,9 @@ class BatchProcessor:
         now = anyio.current_time()
         ready = [k for k in work.keys.values() if k.not_before <= now]
         token = work.token
-        grants, tail = await self._leases.acquire([(k.db, k.hash) for k in ready], token)
+        grants, tail = await self._leases.acquire(
+            [(k.db, k.hash) for k in ready], token, index_fields=[k.key for k in ready]
+        )
         held: list[_Key] = []
         covered: list[_Key] = []
         to_write: list[_Key] = []
@@ -221,43 +244,50 @@ class BatchProcessor:
                 k.not_before = now + poll * random.uniform(0.5, 1.5)
                 continue
             k.lease_waits = 0
+            k.stored = grant.stored
             held.append(k)
             (covered if not k.force and grant.covers(k.max_id) else to_write).append(k)
         try:
-            failures = await self._read_and_write(work, to_write)
-            if len(failures) < len(to_write):
+            out = await self._read_and_write(work, to_write)
+            if out.written:
                 await self._flush()
         except BaseException:
             await self._let_go(token, held)
             raise
         releases = [Release(k.db, k.hash) for k in covered]
-        releases += [
-            Release(k.db, k.hash, None if k in failures else _newest(tail, k.max_id))
-            for k in to_write
-        ]
+        for k in to_write:
+            if k in out.failures:
+                releases.append(Release(k.db, k.hash))
+                continue
+            done = _newest(tail, k.max_id)
+            if k in out.written:
+                releases.append(Release(k.db, k.hash, done, Stored(k.key, out.written[k])))
+            else:
+                releases.append(Release(k.db, k.hash, done))
         still_ours = await self._leases.release(token, releases)
         for k in covered:
             self._settle(work, k, written=False)
         for k, ours in zip(to_write, still_ours[len(covered) :], strict=True):
-            reason = failures.get(k)
+            reason = out.failures.get(k)
             if reason is not None:
                 self._failed(work, k, reason, now)
             elif ours:
-                self._settle(work, k, written=True)
+                self._settle(work, k, written=k in out.written, read=True)
             else:
                 # Someone else held the lease while our write was in flight, so ours may have
-                # landed after theirs: read and write again, whatever the done marker says.
+                # landed after theirs: read and write again, whatever the done marker and the
+                # index say.
                 k.force = True
                 work.tally["redone"] += 1
                 self._stats.redone += 1
                 self._log.info("upload.lease_lost", db=k.db, key=_show(k.key))
 
-    async def _read_and_write(self, work: _Work, to_write: list[_Key]) -> dict[_Key, str]:
-        """Read and write ``to_write``; returns the keys that failed for good, with reasons.
+    async def _read_and_write(self, work: _Work, to_write: list[_Key]) -> _Outcome:
+        """Read ``to_write``, then write those whose state storage lacks.
 
         Raises the first transient storage error after every write of the round has ended.
         """
-        failures: dict[_Key, str] = {}
+        out = _Outcome()
         records: list[tuple[_Key, KeyRecord]] = []
         by_db: dict[int, list[_Key]] = {}
         for k in to_write:
@@ -268,27 +298,42 @@ class BatchProcessor:
                     db, [k.key for k in keys], [k.max_id for k in keys]
                 )
             except ResponseError as exc:
-                failures.update({k: f"source refused to read db {db}: {exc}" for k in keys})
+                out.failures.update({k: f"source refused to read db {db}: {exc}" for k in keys})
                 continue
             for k, res in zip(keys, results, strict=True):
                 if isinstance(res, KeyReadError):
-                    failures[k] = res.reason
+                    out.failures[k] = res.reason
                 else:
                     records.append((k, res))
+        writes: list[tuple[_Key, KeyRecord, bytes | None]] = []
+        for k, rec in records:
+            digest = None if rec.tombstone else await self._digest(rec)
+            if digest is not None and not k.force and digest == k.stored:
+                out.unchanged.append(k)
+            else:
+                writes.append((k, rec, digest))
+        # A crash after a storage call must not leave a digest naming a state storage lacks. An
+        # absent key with no field has nothing to mark: no digest claims anything for it.
+        await index.mark_unknown(
+            self._r,
+            self._cfg.own,
+            [(k.db, k.key) for k, rec, _ in writes if not rec.tombstone or k.stored is not None],
+        )
         unavailable: list[Exception] = []
         async with anyio.create_task_group() as tg:
-            for k, rec in records:
-                tg.start_soon(self._write, work, k, rec, failures, unavailable)
+            for k, rec, digest in writes:
+                tg.start_soon(self._write, work, k, rec, digest, out, unavailable)
         if unavailable:
             raise unavailable[0]
-        return failures
+        return out
 
     async def _write(
         self,
         work: _Work,
         k: _Key,
         rec: KeyRecord,
-        failures: dict[_Key, str],
+        digest: bytes | None,
+        out: _Outcome,
         unavailable: list[Exception],
     ) -> None:
         prefix = self._cfg.path_prefix
@@ -304,7 +349,7 @@ class BatchProcessor:
                     else:
                         await self._storage.put(name, await _encode(rec))
             except ObjectRejected as exc:
-                failures[k] = f"storage rejected {name}: {exc}"
+                out.failures[k] = f"storage rejected {name}: {exc}"
                 return
             except TimeoutError:
                 unavailable.append(
@@ -314,12 +359,18 @@ class BatchProcessor:
             except (StorageError, OSError) as exc:
                 unavailable.append(exc)
                 return
+        out.written[k] = digest
         if rec.tombstone:
             self._stats.deletes += 1
             work.tally["deletes"] += 1
         else:
             self._stats.puts += 1
             work.tally["puts"] += 1
+
+    async def _digest(self, rec: KeyRecord) -> bytes:
+        if len(rec.payload) > _ENCODE_IN_THREAD:
+            return await anyio.to_thread.run_sync(index.digest, rec, self._target)
+        return index.digest(rec, self._target)
 
     async def _flush(self) -> None:
         try:
@@ -336,12 +387,18 @@ class BatchProcessor:
             with contextlib.suppress(*TRANSIENT):
                 await self._leases.release(token, [Release(k.db, k.hash) for k in held])
 
-    def _settle(self, work: _Work, k: _Key, *, written: bool) -> None:
+    def _settle(self, work: _Work, k: _Key, *, written: bool, read: bool = False) -> None:
+        """``read`` and not ``written``: the key was read and found as storage holds it."""
         del work.keys[(k.db, k.key)]
         work.acks.extend(entry_id for entry_id, _ in k.entries)
         n = len(k.entries)
         self._stats.coalesced += n - 1 if written else n
-        if not written:
+        if written:
+            return
+        if read:
+            self._stats.unchanged += 1
+            work.tally["unchanged"] += 1
+        else:
             work.tally["skipped"] += n
 
     def _failed(self, work: _Work, k: _Key, reason: str, now: float) -> None:

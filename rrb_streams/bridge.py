@@ -2,7 +2,8 @@
 
 Pub/sub is fire and forget: whatever the source publishes while the bridge is not subscribed is
 gone. Every moment when events may have been missed is a *gap*, healed by a SCAN of the watched
-keys into the stream (``ev="scan"``). Gaps are:
+keys into the stream (``ev="scan"``), and of the keys the stored-keys index lists that no longer
+exist (see :mod:`rrb_streams.rescan`). Gaps are:
 
 - ``startup``: the first subscription;
 - ``reconnect``: every later subscription, whether the bridge re-subscribed after an error or
@@ -15,8 +16,8 @@ change is then either forwarded live or found by the scan. A gap during a rescan
 a restarted source also drops the subscription, so its rescan is restarted once more by the
 reconnect, after the subscription is back.
 
-A key deleted while nobody listened leaves nothing for a scan to find: only a comparison of
-storage with the source can tell that its object is stale.
+A key deleted while nobody listened leaves nothing for a SCAN to find; the index still lists
+it, so the walk over the index finds it.
 
 Events and rescanned keys share one bounded channel into one writer that XADDs pipelined
 batches. While the stream Redis is down the writer retries its batch, the channel fills and the
@@ -130,6 +131,7 @@ class Bridge:
                                 cfg,
                                 self._gaps,
                                 self._client,
+                                self._stream,
                                 _Backoff(self._log, "bridge.rescan_failed", cfg.max_backoff),
                                 self._log,
                             )

@@ -47,6 +47,10 @@ class OwnKeys:
         """The newest entry id whose change is already in storage for this key."""
         return f"{self.prefix}done:{db}:{key_hash}"
 
+    def index(self, db: int) -> str:
+        """The stored-keys index of ``db``: a hash of raw key to the digest of its stored state."""
+        return f"{self.prefix}index:{db}"
+
     def is_own(self, key: bytes) -> bool:
         """Whether ``key`` is one of ours and must never be backed up."""
         return key.startswith(self.prefix.encode())

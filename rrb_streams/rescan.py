@@ -1,9 +1,15 @@
-"""Gap rescans: SCAN the watched keys into the change stream whenever events may be missing.
+"""Gap rescans: send the watched keys to the change stream whenever events may be missing.
+
+A rescan of a db has two passes, both as ``scan`` changes:
+
+1. SCAN the source for the keys that exist: any of them may have changed unseen;
+2. walk the db's stored-keys index (:mod:`rrb_streams.index`) for the keys that storage holds
+   but the source no longer does: deleted, expired, flushed or swapped away unseen.
 
 ``Gaps`` collects the reasons (startup, reconnect, a restart) and numbers them; a rescan that
 sees a newer number starts over from cursor 0, because keys it already passed may have changed
-while no events arrived. The scan pauses between steps so the source keeps serving clients, and
-it feeds the same bounded channel as live events, so it can never outrun the writer.
+while no events arrived. Both passes pause between steps so the source keeps serving clients,
+and they feed the same bounded channel as live events, so they can never outrun the writer.
 """
 
 from __future__ import annotations
@@ -15,16 +21,19 @@ from typing import Any, Protocol, cast
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.changes import SCAN_EVENT
 from rrb_streams.config import BridgeConfig
 from rrb_streams.connections import url_db
+from rrb_streams.index import absent_page, indexed_dbs
 
 # (db, raw key, event, bridge time in ms): one future stream entry.
 Change = tuple[int, bytes, str, int]
 
 RETRYABLE = (RedisError, OSError)
+
+DEFAULT_DATABASES = 16  # Redis's default, assumed where CONFIG GET databases is refused
 
 
 def now_ms() -> int:
@@ -73,6 +82,7 @@ class Rescanner:
         cfg: BridgeConfig,
         gaps: Gaps,
         client: Callable[[int], Redis],
+        stream: Redis,
         retry: Retry,
         log: Any,
     ) -> None:
@@ -81,12 +91,15 @@ class Rescanner:
         self._own = cfg.own
         self._gaps = gaps
         self._client = client  # the source client for one db
+        self._stream = stream  # where the change stream and the stored-keys index live
         self._retry = retry
         self._log = log
+        self._databases_count: int | None = None
 
     async def run(self, send: MemoryObjectSendStream[Change]) -> None:
-        """Forever: wait for a gap, then send every watched key of the source URL's db (or of
-        every non-empty db with ``all_dbs``) to ``send`` as a ``scan`` change."""
+        """Forever: wait for a gap, then send to ``send``, as ``scan`` changes, every watched key
+        of the source URL's db (of every db holding keys or indexed keys with ``all_dbs``) that
+        exists or that the stored-keys index lists."""
         reasons: list[str] = []
         started: float | None = None
         while True:
@@ -98,11 +111,12 @@ class Rescanner:
             if counts is None:
                 self._log.info("bridge.rescan_restarted", reasons=reasons)
                 continue
-            keys, skipped = counts
+            keys, gone, skipped = counts
             self._log.info(
                 "bridge.rescan_done",
                 reasons=reasons,
                 keys=keys,
+                gone=gone,
                 skipped_own=skipped,
                 dbs=dbs,
                 seconds=round(time.monotonic() - started, 3),
@@ -111,46 +125,107 @@ class Rescanner:
 
     async def _scan(
         self, send: MemoryObjectSendStream[Change], generation: int, dbs: list[int]
-    ) -> tuple[int, int] | None:
-        """``(keys enqueued, own keys skipped)``, or ``None`` when a newer gap interrupts."""
-        cfg = self._cfg
-        keys = skipped = 0
+    ) -> tuple[int, int, int] | None:
+        """``(keys enqueued, gone keys enqueued, own keys skipped)``, or ``None`` when a newer
+        gap interrupts."""
+        keys = gone = skipped = 0
         for db in dbs:
-            client = self._client(db)
-            cursor = 0
-            while True:
-                if self._gaps.generation != generation:
-                    return None
-                try:
-                    cursor, found = await client.scan(
-                        cursor=cursor, match=cfg.pattern, count=cfg.scan_count
-                    )
-                except RETRYABLE as exc:
-                    # Cursors are stateless on the server, so retrying the step is enough; a
-                    # restarted source reports a gap of its own and the scan starts over.
-                    await self._retry.failed(exc)
-                    continue
-                self._retry.succeeded()
-                now = now_ms()
-                for key in cast(list[bytes], found):
-                    if self._own.is_own(key):
-                        skipped += 1
-                        continue
-                    await send.send((db, key, SCAN_EVENT, now))
-                    keys += 1
-                if cursor == 0:
-                    break
-                await anyio.sleep(cfg.scan_pause)
-        return keys, skipped
+            live = await self._scan_keys(send, generation, db)
+            if live is None:
+                return None
+            absent = await self._walk_index(send, generation, db)
+            if absent is None:
+                return None
+            keys, skipped, gone = keys + live[0], skipped + live[1], gone + absent
+        return keys, gone, skipped
 
-    async def _databases(self, generation: int) -> list[int] | None:
-        """Every db INFO keyspace lists (those holding keys), or ``None`` if interrupted."""
-        while self._gaps.generation == generation:
+    async def _scan_keys(
+        self, send: MemoryObjectSendStream[Change], generation: int, db: int
+    ) -> tuple[int, int] | None:
+        """SCAN ``db``: ``(keys enqueued, own keys skipped)``, or ``None`` when interrupted."""
+        cfg = self._cfg
+        client = self._client(db)
+        keys = skipped = 0
+        cursor = 0
+        while True:
+            if self._gaps.generation != generation:
+                return None
             try:
-                info: dict[str, Any] = await self._client(self._db).info("keyspace")
+                cursor, found = await client.scan(
+                    cursor=cursor, match=cfg.pattern, count=cfg.scan_count
+                )
+            except RETRYABLE as exc:
+                # Cursors are stateless on the server, so retrying the step is enough; a
+                # restarted source reports a gap of its own and the scan starts over.
+                await self._retry.failed(exc)
+                continue
+            self._retry.succeeded()
+            now = now_ms()
+            for key in cast(list[bytes], found):
+                if self._own.is_own(key):
+                    skipped += 1
+                    continue
+                await send.send((db, key, SCAN_EVENT, now))
+                keys += 1
+            if cursor == 0:
+                return keys, skipped
+            await anyio.sleep(cfg.scan_pause)
+
+    async def _walk_index(
+        self, send: MemoryObjectSendStream[Change], generation: int, db: int
+    ) -> int | None:
+        """Enqueue the watched keys of ``db``'s index that the source lacks; how many, or
+        ``None`` when interrupted. Keys deleted after the SCAN may come here too: harmless."""
+        cfg = self._cfg
+        gone = 0
+        cursor = 0
+        while True:
+            if self._gaps.generation != generation:
+                return None
+            try:
+                cursor, absent = await absent_page(
+                    self._stream,
+                    self._client(db),
+                    self._own,
+                    db,
+                    cursor,
+                    pattern=cfg.pattern,
+                    count=cfg.scan_count,
+                )
             except RETRYABLE as exc:
                 await self._retry.failed(exc)
                 continue
             self._retry.succeeded()
-            return sorted(int(name[2:]) for name in info if name.startswith("db"))
+            now = now_ms()
+            for key in absent:
+                await send.send((db, key, SCAN_EVENT, now))
+                gone += 1
+            if cursor == 0:
+                return gone
+            await anyio.sleep(cfg.scan_pause)
+
+    async def _databases(self, generation: int) -> list[int] | None:
+        """Every db INFO keyspace lists (those holding keys) and every db with an index, or
+        ``None`` if interrupted. A flushed db holds no keys, but its index still names them."""
+        while self._gaps.generation == generation:
+            source = self._client(self._db)
+            try:
+                info: dict[str, Any] = await source.info("keyspace")
+                count = await self._database_count(source)
+                indexed = await indexed_dbs(self._stream, self._own, range(count))
+            except RETRYABLE as exc:
+                await self._retry.failed(exc)
+                continue
+            self._retry.succeeded()
+            return sorted({int(name[2:]) for name in info if name.startswith("db")} | {*indexed})
         return None
+
+    async def _database_count(self, source: Redis) -> int:
+        """The source's ``databases`` setting (fixed while it runs), read once."""
+        if self._databases_count is None:
+            try:
+                reply = await source.config_get("databases")
+                self._databases_count = int(str(reply["databases"]))
+            except (ResponseError, KeyError, ValueError):
+                self._databases_count = DEFAULT_DATABASES
+        return self._databases_count

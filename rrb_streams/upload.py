@@ -19,9 +19,10 @@ An uploader process runs:
 Redis, and read only after the lease is taken, so a later holder always stores a newer state. A
 holder whose lease ran out during its write (its write may have landed after a newer one) reads
 and writes the key again. Entries whose change a stored object already covers (the key's done
-marker) are acknowledged without a read or a write. The residual case is a storage write that
-the server commits after the client gave up on it: nothing redoes it until the key changes
-again. :mod:`rrb_streams.lease` has the full argument.
+marker) are acknowledged without a read or a write, and keys whose fresh read has the digest
+the stored-keys index holds (:mod:`rrb_streams.index`) without a write. The residual case is
+a storage write that the server commits after the client gave up on it: nothing redoes it
+until the key changes again. :mod:`rrb_streams.lease` has the full argument.
 
 :meth:`Uploader.stop` stops reading, lets the workers finish and acknowledge what they hold, and
 returns. A consumer left with nothing pending is then deleted from the group, so restarts under
@@ -88,6 +89,10 @@ class Uploader:
     @property
     def coalesced(self) -> int:
         return self.stats.coalesced
+
+    @property
+    def unchanged(self) -> int:
+        return self.stats.unchanged
 
     @property
     def dead_lettered(self) -> int:

@@ -264,6 +264,26 @@ async def test_bridge_startup_rescan_enqueues_existing_keys(redis_server: RedisS
     assert done["reasons"] == ["startup"] and done["keys"] == 50 and done["seconds"] >= 0
 
 
+async def test_bridge_rescans_send_indexed_keys_that_are_gone(redis_server: RedisServer) -> None:
+    index = OwnKeys().index(0)
+    with redis_server.client() as c:
+        c.set("live", "v")
+        c.hset(index, mapping={"live": "d", "gone": "d", "rrb:own": "d"})
+    with capture_logs() as logs:
+        async with running(config(redis_server)), client(redis_server.url()) as r:
+            await wait_log(logs, event="bridge.rescan_done")
+            got = await wait_changes(r, has((b"live", "scan"), (b"gone", "scan")))
+            await r.hset(index, "gone-later", "d")
+            assert await r.client_kill_filter(_type="pubsub") == 1
+            await wait_log(logs, event="bridge.rescan_done", reasons=["reconnect"])
+            after = "(" + got[-1].id
+            await wait_changes(r, has((b"gone-later", "scan"), (b"live", "scan")), after=after)
+    assert {(c.key, c.event) for c in got} == {(b"live", "scan"), (b"gone", "scan")}
+    first, again = [e for e in logs if e["event"] == "bridge.rescan_done"]
+    assert (first["keys"], first["gone"]) == (1, 1)
+    assert (again["keys"], again["gone"]) == (1, 2)
+
+
 async def test_bridge_pubsub_reconnect_is_a_gap(redis_server: RedisServer) -> None:
     with capture_logs() as logs:
         async with running(config(redis_server)), client(redis_server.url()) as r:

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from rrb_streams.changes import OwnKeys
+from rrb_streams.index import Stored
 from rrb_streams.lease import Grant, Leases, Release
 from tests.servers import RedisServer
 
@@ -113,3 +114,30 @@ async def test_lease_taken_again_with_the_same_token_is_still_held(r: Redis) -> 
     assert (await a.acquire([KEY], "t"))[0][0].held
     assert (await a.acquire([KEY], "t"))[0][0].held
     assert not (await a.acquire([KEY], "other"))[0][0].held
+
+
+@pytest.mark.anyio
+async def test_lease_reads_and_updates_the_index_only_while_held(r: Redis) -> None:
+    a, b = leases(r), leases(r)
+    index = OWN.index(0)
+    await r.hset(index, b"k\x00ey", b"old-digest")
+    grants, _ = await a.acquire([KEY], "a", index_fields=[b"k\x00ey"])
+    assert grants == [Grant(True, None, b"old-digest")]
+    grants, _ = await b.acquire([KEY], "b", index_fields=[b"k\x00ey"])
+    assert grants == [Grant(False, None)]  # not held: nothing to trust
+    assert await a.release("a", [Release(*KEY, "1-0", Stored(b"k\x00ey", b"\x00new"))]) == [True]
+    assert await r.hget(index, b"k\x00ey") == b"\x00new"
+    await b.acquire([KEY], "b")
+    assert await b.release("b", [Release(*KEY, "2-0", Stored(b"k\x00ey", None))]) == [True]
+    assert await r.exists(index) == 0
+
+
+@pytest.mark.anyio
+async def test_lease_lost_leaves_the_index_alone(r: Redis) -> None:
+    a = leases(r, lease_s=0.05)
+    await r.hset(OWN.index(0), "k", "-")
+    await a.acquire([KEY], "old", index_fields=[b"k"])
+    await anyio.sleep(0.1)
+    assert await a.release("old", [Release(*KEY, "1-0", Stored(b"k", b"digest"))]) == [False]
+    assert await a.release("old", [Release(*KEY, "1-0", Stored(b"k", None))]) == [False]
+    assert await r.hget(OWN.index(0), "k") == b"-"
