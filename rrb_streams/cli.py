@@ -95,6 +95,14 @@ def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> No
         help="claim another consumer's entries after they sat this long unacked (default: 30)",
     )
     p.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="per-key lease around read + write; after a crash its keys wait this long "
+        "(default: 30)",
+    )
+    p.add_argument(
         "--linger",
         type=float,
         default=0.1,
@@ -146,6 +154,7 @@ def _upload_config(args: argparse.Namespace, storage: StorageSpec) -> UploadConf
         group=args.group,
         own_prefix=args.own_prefix,
         claim_idle=args.claim_idle,
+        lease=args.lease,
         linger=args.linger,
         max_attempts=args.max_attempts,
         grace=args.grace,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import structlog
 from moto.server import ThreadedMotoServer
 
 from tests.servers import RedisServer, free_port
@@ -19,6 +20,14 @@ S3_SECRET_KEY = "testing-secret-do-not-log"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Commands called in-process configure logging globally; each test starts afresh."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -112,6 +112,8 @@ async def test_one_of_two_uploaders_killed_9_under_load_loses_nothing(
             str(folder),
             "--claim-idle",
             "1",
+            "--lease",
+            "2",
             "--consumer",
             f"up-{i}",
             log=tmp_path / f"upload{i}.log",
