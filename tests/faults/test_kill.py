@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from rrb_streams.storage.fs import FsStorage
@@ -117,7 +118,7 @@ async def test_one_of_two_uploaders_killed_9_under_load_loses_nothing(
             "--consumer",
             f"up-{i}",
             log=tmp_path / f"upload{i}.log",
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     bridge = Command("rrb-bridge", source.url(), log=tmp_path / "bridge.log")
@@ -127,9 +128,9 @@ async def test_one_of_two_uploaders_killed_9_under_load_loses_nothing(
     writer = Writer(source)
     writer.start()
     try:
-        time.sleep(2.0)
+        await anyio.sleep(2.0)
         uploaders[0].kill9()
-        time.sleep(2.0)
+        await anyio.sleep(2.0)
     finally:
         writer.stop()
     await wait_drained(source.url(), within=60)
