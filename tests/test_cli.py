@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,28 @@ def test_status_on_a_redis_without_stream(
     data = json.loads(capsys.readouterr().out)
     assert data["exists"] is False
     assert data["drained"] is False
+
+
+def test_upload_stops_at_start_naming_an_unusable_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = blocker / "backup"
+    code = cli.upload(["redis://127.0.0.1:1/0", "--storage", str(bad)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert str(bad) in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_upload_stops_at_start_naming_a_missing_bucket(
+    s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.upload(["redis://127.0.0.1:1/0", "--storage", "s3://no-such-bucket-here/x"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "no-such-bucket-here" in err[0]
+    assert "testing-secret" not in err[0]
