@@ -27,6 +27,10 @@ is what turns a hot key's thousands of changes into a handful of PUTs.
 done marker: a holder that lost its lease leaves the index alone, and its redo writes whatever
 the index says, because its stale write may have landed after the write the index describes.
 
+**Round trips.** A round of a batch takes all its leases in one Lua script call, and
+releases them in another (one call per :data:`CHUNK` keys), rather than several commands per
+key. Every key a script touches is one of its ``KEYS``.
+
 **Residual case.** A storage write that the client gave up on (a timeout, a cancelled request,
 a crashed process) but that the server still commits later can overwrite a newer object, and
 nothing redoes it until the key next changes; a rescan does not either while the index holds
@@ -49,23 +53,52 @@ from rrb_streams.index import Stored
 
 DONE_TTL_MS = 10 * 60 * 1000  # long enough to cover any entry still in flight for the key
 
-# KEYS: lease, done, index. ARGV: token, done id ("" to leave the marker), marker ttl ms,
-# index action ("" leaves the index, "set" stores ARGV[6] under field ARGV[5], "del" removes
-# the field), field, digest.
-# Returns 1 when the token was still ours (lease released), 0 when the lease was lost.
+#: Keys per script call: a round's leases go in as few calls as this allows, and no call
+#: blocks Redis for long: a full chunk runs in one to two milliseconds.
+CHUNK = 250
+
+# KEYS: the stream, then n leases, then n done markers, then (with ARGV[3] == "1") n index
+# hashes. ARGV: token, lease ms, "1" to read index fields, then the n fields when reading.
+# Returns the stream's last entry id (false when empty), read after every lease was tried,
+# then per key: 1 if held (0 if not), and when held its done marker and its index value.
+_ACQUIRE = """
+local token, px = ARGV[1], ARGV[2]
+local with_index = ARGV[3] == '1'
+local n = with_index and (#KEYS - 1) / 3 or (#KEYS - 1) / 2
+local out = {false}
+for i = 1, n do
+  local lease = KEYS[1 + i]
+  local held = redis.call('SET', lease, token, 'NX', 'PX', px)
+  if not held then
+    -- a retried call, or a release that never arrived: our own token is still ours
+    held = redis.call('GET', lease) == token
+  end
+  if held then
+    out[#out + 1] = 1
+    out[#out + 1] = redis.call('GET', KEYS[1 + n + i])
+    if with_index then
+      out[#out + 1] = redis.call('HGET', KEYS[1 + 2 * n + i], ARGV[3 + i])
+    else
+      out[#out + 1] = false
+    end
+  else
+    out[#out + 1] = 0
+    out[#out + 1] = false
+    out[#out + 1] = false
+  end
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then
+  out[1] = last[1][1]
+end
+return out
+"""
+
+# KEYS: per item its lease, done marker and index hash. ARGV: token, marker ttl ms, then per
+# item: done id ("" leaves the marker), index action ("" leaves the index, "set" stores the
+# digest under the field, "del" removes the field), field, digest.
+# Returns per item 1 when the token was still ours (lease released), 0 when it was lost.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-if ARGV[4] == 'set' then
-  redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
-elseif ARGV[4] == 'del' then
-  redis.call('HDEL', KEYS[3], ARGV[5])
-end
-if ARGV[2] == '' then
-  return 1
-end
 local function older(a, b)
   -- decimal strings without leading zeros: shorter is smaller, else compare as text
   if #a ~= #b then return #a < #b end
@@ -79,11 +112,31 @@ local function id_less(a, b)
   if ams ~= bms then return older(ams, bms) end
   return older(aseq, bseq)
 end
-local cur = redis.call('GET', KEYS[2])
-if (not cur) or id_less(cur, ARGV[2]) then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local token, ttl = ARGV[1], ARGV[2]
+local out = {}
+for i = 1, #KEYS / 3 do
+  local lease, done, index = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local a = 4 * i - 1
+  local id, action, field = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  if redis.call('GET', lease) ~= token then
+    out[i] = 0
+  else
+    redis.call('DEL', lease)
+    if action == 'set' then
+      redis.call('HSET', index, field, ARGV[a + 3])
+    elseif action == 'del' then
+      redis.call('HDEL', index, field)
+    end
+    if id ~= '' then
+      local cur = redis.call('GET', done)
+      if (not cur) or id_less(cur, id) then
+        redis.call('SET', done, id, 'PX', ttl)
+      end
+    end
+    out[i] = 1
+  end
 end
-return 1
+return out
 """
 
 
@@ -119,6 +172,7 @@ class Leases:
         self._own = own
         self._stream = stream
         self._lease_ms = max(1, int(lease_s * 1000))
+        self._acquire = r.register_script(_ACQUIRE)
         self._release = r.register_script(_RELEASE)
 
     @staticmethod
@@ -133,70 +187,76 @@ class Leases:
         *,
         index_fields: Sequence[bytes] | None = None,
     ) -> tuple[list[Grant], str | None]:
-        """Try to take every ``(db, key_hash)`` lease with ``token``, in one round trip.
+        """Try to take every ``(db, key_hash)`` lease with ``token``: one script call per
+        :data:`CHUNK` keys, so one round trip for a batch of the default size.
 
-        A lease that already holds ``token`` counts as taken: a retried pipeline, or a release
+        A lease that already holds ``token`` counts as taken: a retried call, or a release
         that never arrived, must not make the holder wait out its own lease. Returns one
-        :class:`Grant` per key and the stream's last entry id, read after the leases were
+        :class:`Grant` per key and the stream's last entry id, read after every lease was
         taken (``None`` for an empty stream). Any entry at or below that id was added before
         the caller reads the source, so a successful write may cover it.
 
         ``index_fields`` (the raw keys, one per lease) also reads each key's index value into
         :attr:`Grant.stored`; only holders change it, so it stays valid while the lease does.
         """
-        fields: list[bytes | None] = [None] * len(keys)
-        if index_fields is not None:
-            fields = list(index_fields)
-        if len(fields) != len(keys):
+        if index_fields is not None and len(index_fields) != len(keys):
             raise ValueError("index_fields must name one key per lease")
-        pipe = self._r.pipeline(transaction=False)
-        for (db, h), field in zip(keys, fields, strict=True):
-            lease = self._own.lease(db, h)
-            pipe.set(lease, token, nx=True, px=self._lease_ms)
-            pipe.get(lease)
-            pipe.get(self._own.done(db, h))
-            if field is not None:
-                pipe.hget(self._own.index(db), field)
-        pipe.xrevrange(self._stream, "+", "-", count=1)
-        replies = iter(await pipe.execute())
-        grants = []
-        for field in fields:
-            _, holder, done = next(replies), next(replies), next(replies)
-            stored = next(replies) if field is not None else None
-            held = holder is not None and _text(holder) == token
-            if not held:
-                grants.append(Grant(False, None))
-                continue
-            grants.append(Grant(True, None if done is None else _text(done), stored))
-        last = next(replies)
-        tail = _text(last[0][0]) if last else None
-        return grants, tail
+        own = self._own
+        grants: list[Grant] = []
+        tail: str | None = None
+        start = 0
+        while True:
+            chunk = keys[start : start + CHUNK]
+            script_keys: list[str] = [self._stream]
+            script_keys += [own.lease(db, h) for db, h in chunk]
+            script_keys += [own.done(db, h) for db, h in chunk]
+            args: list[str | int | bytes] = [token, self._lease_ms]
+            if index_fields is None:
+                args.append("0")
+            else:
+                script_keys += [own.index(db) for db, _ in chunk]
+                args.append("1")
+                args += index_fields[start : start + CHUNK]
+            reply = await self._acquire(keys=script_keys, args=args)
+            last = reply[0]
+            tail = None if last is None else _text(last)
+            for i in range(1, len(reply), 3):
+                if reply[i]:
+                    done = reply[i + 1]
+                    grants.append(Grant(True, None if done is None else _text(done), reply[i + 2]))
+                else:
+                    grants.append(Grant(False, None))
+            start += CHUNK
+            if start >= len(keys):
+                return grants, tail
 
     async def release(self, token: str, items: Sequence[Release]) -> list[bool]:
-        """Release leases held with ``token``, advancing done markers and updating the index,
-        in one round trip; a lease no longer ours changes nothing.
+        """Release leases held with ``token``, advancing done markers and updating the index:
+        one script call per :data:`CHUNK` items; a lease no longer ours changes nothing.
 
         Returns, per item, whether the lease was still ours. ``False`` means another holder
         may have written the key since our read: the caller must redo the key.
         """
-        if not items:
-            return []
-        pipe = self._r.pipeline(transaction=False)
-        for it in items:
-            index: list[str | bytes] = [""]
-            if it.stored is not None:
-                digest = it.stored.digest
-                index = ["del", it.stored.key] if digest is None else ["set", it.stored.key, digest]
-            await self._release(
-                keys=[
-                    self._own.lease(it.db, it.key_hash),
-                    self._own.done(it.db, it.key_hash),
-                    self._own.index(it.db),
-                ],
-                args=[token, it.done or "", DONE_TTL_MS, *index],
-                client=pipe,
-            )
-        return [bool(x) for x in await pipe.execute()]
+        own = self._own
+        ours: list[bool] = []
+        for start in range(0, len(items), CHUNK):
+            keys: list[str] = []
+            args: list[str | int | bytes] = [token, DONE_TTL_MS]
+            for it in items[start : start + CHUNK]:
+                keys += (
+                    own.lease(it.db, it.key_hash),
+                    own.done(it.db, it.key_hash),
+                    own.index(it.db),
+                )
+                stored = it.stored
+                if stored is None:
+                    args += (it.done or "", "", "", "")
+                elif stored.digest is None:
+                    args += (it.done or "", "del", stored.key, "")
+                else:
+                    args += (it.done or "", "set", stored.key, stored.digest)
+            ours += [bool(x) for x in await self._release(keys=keys, args=args)]
+        return ours
 
 
 def _text(value: bytes | str) -> str:

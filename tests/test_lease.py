@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from rrb_streams.changes import OwnKeys
 from rrb_streams.index import Stored
-from rrb_streams.lease import Grant, Leases, Release
+from rrb_streams.lease import CHUNK, Grant, Leases, Release
 from tests.servers import RedisServer
 
 OWN = OwnKeys()
@@ -141,3 +141,35 @@ async def test_lease_lost_leaves_the_index_alone(r: Redis) -> None:
     assert await a.release("old", [Release(*KEY, "1-0", Stored(b"k", b"digest"))]) == [False]
     assert await a.release("old", [Release(*KEY, "1-0", Stored(b"k", None))]) == [False]
     assert await r.hget(OWN.index(0), "k") == b"-"
+
+
+async def script_calls(r: Redis) -> int:
+    stats = await r.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+@pytest.mark.anyio
+async def test_lease_a_round_of_many_keys_takes_one_script_call_per_chunk(r: Redis) -> None:
+    keys = [(i % 3, f"{i:064x}") for i in range(CHUNK * 2 + 7)]
+    fields = [b"key:%d" % i for i in range(len(keys))]
+    a, b = leases(r), leases(r)
+    await r.hset(OWN.index(1), fields[1], b"digest-1")
+    last = (await r.xadd(OWN.stream, {"x": "1"})).decode()
+    await a.acquire([KEY], "warm-up")  # loads the scripts: a first call is NOSCRIPT
+    await a.release("warm-up", [Release(*KEY)])
+    before = await script_calls(r)
+    grants, tail = await a.acquire(keys, "a", index_fields=fields)
+    assert await script_calls(r) - before == 3
+    assert tail == last and all(g.held for g in grants)
+    assert grants[1].stored == b"digest-1" and grants[0].stored is None
+    grants, _ = await b.acquire(keys, "b", index_fields=fields)
+    assert not any(g.held for g in grants)
+    releases = [
+        Release(db, h, "7-1", Stored(f, b"d")) for (db, h), f in zip(keys, fields, strict=True)
+    ]
+    before = await script_calls(r)
+    assert await a.release("a", releases) == [True] * len(keys)
+    assert await script_calls(r) - before == 3
+    assert await r.get(OWN.done(*keys[-1])) == b"7-1"
+    assert await r.hget(OWN.index(keys[-1][0]), fields[-1]) == b"d"
+    assert not await r.keys("rrb:lease:*")
