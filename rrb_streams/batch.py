@@ -7,16 +7,17 @@
 3. Rounds run until every key is settled. Each round:
 
    a. takes the leases of the keys that are ready and reads their done markers and their
-      fields of the stored-keys index (one round trip, see :mod:`rrb_streams.lease`);
+      fields of the stored-keys index (one script call per :data:`~rrb_streams.lease.CHUNK`
+      keys, see :mod:`rrb_streams.lease`);
    b. settles without a read every key whose done marker covers its newest entry;
    c. reads the other keys from the source, one transaction per db, and settles without a
       write every key whose state has the digest the index holds: storage has it already;
-   d. marks the keys about to be written as unknown in the index (one round trip), writes
-      their objects concurrently, bounded by the process-wide limiter, then calls
-      ``storage.flush()``;
+   d. marks the keys about to be written as unknown in the index (one ``HSET`` per db), writes
+      their objects with up to ``concurrency`` writers taking turns at the round's list, each
+      storage call bounded by the process-wide limiter, then calls ``storage.flush()``;
    e. releases the leases, advancing the done markers and storing the new digests (or
-      removing the fields of absent keys); a key whose lease was lost meanwhile is redone in a
-      later round, and a redo always writes;
+      removing the fields of absent keys), again one script call per chunk of keys; a key
+      whose lease was lost meanwhile is redone in a later round, and a redo always writes;
    f. acknowledges the entries of the settled keys.
 
    A key whose lease another uploader holds waits a short jittered while and joins a later
@@ -320,9 +321,17 @@ class BatchProcessor:
             [(k.db, k.key) for k, rec, _ in writes if not rec.tombstone or k.stored is not None],
         )
         unavailable: list[Exception] = []
+        pending = iter(writes)
+
+        async def writer() -> None:
+            for k, rec, digest in pending:
+                await self._write(work, k, rec, digest, out, unavailable)
+
+        # A few writers taking turns at one list cost less than a task per key; more than
+        # the limiter admits would only queue.
         async with anyio.create_task_group() as tg:
-            for k, rec, digest in writes:
-                tg.start_soon(self._write, work, k, rec, digest, out, unavailable)
+            for _ in range(min(self._cfg.concurrency, len(writes))):
+                tg.start_soon(writer)
         if unavailable:
             raise unavailable[0]
         return out
@@ -341,24 +350,31 @@ class BatchProcessor:
             name = version_name(prefix, k.db, k.key, rec.read_at_us, tombstone=rec.tombstone)
         else:
             name = latest_name(prefix, k.db, k.key)
-        async with self._limiter:
-            try:
-                with anyio.fail_after(self._call_timeout):
-                    if rec.tombstone and not self._cfg.versioning:
-                        await self._storage.delete(name)
-                    else:
-                        await self._storage.put(name, await _encode(rec))
-            except ObjectRejected as exc:
-                out.failures[k] = f"storage rejected {name}: {exc}"
-                return
-            except TimeoutError:
-                unavailable.append(
-                    StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
-                )
-                return
-            except (StorageError, OSError) as exc:
-                unavailable.append(exc)
-                return
+        data = None if rec.tombstone and not self._cfg.versioning else await _encode(rec)
+        try:
+            # A free slot taken without awaiting saves a trip through the event loop per key.
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._limiter.acquire()
+        try:
+            with anyio.fail_after(self._call_timeout):
+                if data is None:
+                    await self._storage.delete(name)
+                else:
+                    await self._storage.put(name, data)
+        except ObjectRejected as exc:
+            out.failures[k] = f"storage rejected {name}: {exc}"
+            return
+        except TimeoutError:
+            unavailable.append(
+                StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
+            )
+            return
+        except (StorageError, OSError) as exc:
+            unavailable.append(exc)
+            return
+        finally:
+            self._limiter.release()
         out.written[k] = digest
         if rec.tombstone:
             self._stats.deletes += 1

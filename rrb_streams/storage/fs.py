@@ -6,7 +6,10 @@ is made durable by :meth:`FsStorage.flush`, not by itself: on Linux one ``syncfs
 root's filesystem commits a whole batch in one journal commit, several times faster than an
 ``fsync`` per file. Elsewhere the files and folders changed since the last flush are fsynced.
 
-Blocking calls run in worker threads, at most ``max_threads`` at a time.
+Blocking calls run in worker threads, at most ``max_threads`` at a time. Puts that wait at the
+same time share a thread: one trip to a worker thread writes every put queued by then, because
+that trip costs about as much as writing a small file. A new trip starts only while none is on
+its way to a thread, so a slow disk still gets up to ``max_threads`` writes at once.
 
 ``OSError`` is translated like this:
 
@@ -31,8 +34,11 @@ import errno
 import os
 import re
 import sys
+import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,11 +60,29 @@ _TEMP = re.compile(r"^\..*\.[0-9a-f]{32}\.tmp$", re.DOTALL)
 _REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 _BAD_NAME = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
 _MKDIR_RETRIES = 5
+_PUTS_PER_TRIP = 64  # a trip returns after this many puts, so no caller waits on a long queue
 
 _Entry = tuple[str, bool, int]  # name ("/"-terminated for a folder), is a folder, size
 # FsStorage.list shadows the builtin inside the class body.
 _Entries = list[_Entry]
 _Paths = list[Path]
+
+
+@dataclass(eq=False, slots=True)
+class _Put:
+    """One put: queued, then taken by a worker thread, then done."""
+
+    name: str
+    data: bytes
+    taken: bool = False
+    done: bool = False
+    error: BaseException | None = None
+    changed: _Paths = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class _Trip:
+    started: bool = False  # its thread began taking puts
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -101,6 +125,12 @@ class FsStorage:
     ) -> None:
         self.root = Path(root).absolute()
         self._limiter = anyio.CapacityLimiter(max_threads)
+        self._max_threads = max_threads
+        self._queue: deque[_Put] = deque()
+        self._queue_lock = threading.Lock()  # the queue and the puts' states, across threads
+        self._trips = 0  # trips to worker threads writing queued puts
+        self._starting = 0  # those whose thread has not begun yet (under _queue_lock)
+        self._progress: anyio.Event | None = None  # set when a trip ends
         syncfs = _load_syncfs() if use_syncfs is not False else None
         if use_syncfs and syncfs is None:
             raise ValueError("syncfs(2) is not available on this platform")
@@ -167,8 +197,72 @@ class FsStorage:
         check_name(name)
         if _is_temp(name.rpartition("/")[2]):
             raise ObjectRejected(f"{name!r}: the name looks like a temporary file")
-        changed = await self._run(self._write, name, data)
-        await self._track(changed)
+        put = _Put(name, data)
+        self._queue.append(put)
+        try:
+            while not put.done:
+                if self._trips < self._max_threads and not self._starting:
+                    await self._trip()
+                else:
+                    await self._progress_event().wait()
+        except BaseException:
+            await self._abandon(put)
+            raise
+        if put.error is not None:
+            raise put.error
+        await self._track(put.changed)
+
+    async def _trip(self) -> None:
+        """Write queued puts in a worker thread."""
+        trip = _Trip()
+        self._trips += 1
+        with self._queue_lock:
+            self._starting += 1
+        try:
+            await self._run(self._write_queued, trip)
+        finally:
+            with self._queue_lock:
+                if not trip.started:  # cancelled before its thread began
+                    self._starting -= 1
+            self._trips -= 1
+            progress, self._progress = self._progress, None
+            if progress is not None:
+                progress.set()
+
+    def _progress_event(self) -> anyio.Event:
+        if self._progress is None:
+            self._progress = anyio.Event()
+        return self._progress
+
+    async def _abandon(self, put: _Put) -> None:
+        """Withdraw a put whose caller gives up, or wait until its thread wrote it: a put that
+        has returned, even by cancellation, never lands afterwards."""
+        with self._queue_lock:
+            if not put.taken:
+                self._queue.remove(put)
+                return
+        with anyio.CancelScope(shield=True):
+            while not put.done:
+                await self._progress_event().wait()
+
+    def _write_queued(self, trip: _Trip) -> None:
+        with self._queue_lock:
+            trip.started = True
+            self._starting -= 1
+        for _ in range(_PUTS_PER_TRIP):
+            with self._queue_lock:
+                if not self._queue:
+                    return
+                put = self._queue.popleft()
+                put.taken = True
+            try:
+                put.changed = self._write(put.name, put.data)
+            except BaseException as exc:
+                put.error = exc
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                put.done = True
 
     def _write(self, name: str, data: bytes) -> _Paths:
         path = self.root / name

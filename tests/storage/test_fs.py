@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,83 @@ async def test_fs_refuses_names_escaping_the_root(storage: FsStorage) -> None:
             await storage.get(name)
         with pytest.raises(ValueError, match="invalid object name"):
             await storage.delete(name)
+
+
+def block_write_of(
+    storage: FsStorage, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[threading.Event, threading.Event]:
+    """Make the worker thread stop inside the write of ``name`` until ``release`` is set."""
+    entered, release = threading.Event(), threading.Event()
+    real = storage._write
+
+    def write(n: str, data: bytes) -> Any:
+        if n == name:
+            entered.set()
+            release.wait(10)
+        return real(n, data)
+
+    monkeypatch.setattr(storage, "_write", write)
+    return entered, release
+
+
+async def test_fs_puts_waiting_together_each_get_their_own_outcome(storage: FsStorage) -> None:
+    await storage.put("a/b", b"object")
+    outcomes: dict[str, str] = {}
+
+    async def put(name: str) -> None:
+        try:
+            await storage.put(name, name.encode())
+            outcomes[name] = "ok"
+        except ObjectRejected:
+            outcomes[name] = "rejected"
+
+    names = [f"k/{i}" for i in range(40)] + [f"a/b/{i}" for i in range(5)]
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(put, name)
+    assert outcomes == {n: "rejected" if n.startswith("a/b/") else "ok" for n in names}
+    for i in range(40):
+        assert await storage.get(f"k/{i}") == f"k/{i}".encode()
+
+
+async def test_fs_cancelled_queued_put_never_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FsStorage(tmp_path / "store", max_threads=1)
+    entered, release = block_write_of(storage, monkeypatch, "first")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(storage.put, "first", b"1")
+        await anyio.to_thread.run_sync(entered.wait, 5)  # the only thread is busy
+        with anyio.move_on_after(0.1):
+            await storage.put("queued", b"2")  # waits for the thread, then gives up
+        release.set()
+    await storage.put("after", b"3")
+    assert files_below(storage.root) == ["after", "first"]
+
+
+async def test_fs_cancelled_put_that_a_thread_took_returns_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FsStorage(tmp_path / "store", max_threads=1)
+    first, release_first = block_write_of(storage, monkeypatch, "first")
+    taken, release_taken = block_write_of(storage, monkeypatch, "taken")
+    returned = anyio.Event()
+
+    async def put_then_cancel(scope: anyio.CancelScope) -> None:
+        with scope:
+            await storage.put("taken", b"v")
+        returned.set()
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(storage.put, "first", b"1")
+        await anyio.to_thread.run_sync(first.wait, 5)
+        tg.start_soon(put_then_cancel, scope)  # queued behind "first", in the same thread
+        await anyio.sleep(0.05)
+        release_first.set()
+        await anyio.to_thread.run_sync(taken.wait, 5)
+        scope.cancel()
+        await anyio.sleep(0.1)
+        assert not returned.is_set()  # a put that returned must never land afterwards
+        release_taken.set()
+    assert returned.is_set() and files_below(storage.root) == ["first", "taken"]
