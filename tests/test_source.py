@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from redis.exceptions import ResponseError
 
@@ -97,6 +98,45 @@ async def test_source_reads_the_db_it_is_asked_for_not_the_urls(
 async def test_source_refuses_a_db_the_server_does_not_have(source: Source) -> None:
     with pytest.raises(ResponseError):
         await source.read(99, [b"k"], ["1-0"])
+
+
+@pytest.mark.anyio
+async def test_source_read_refused_by_an_acl_raises_and_leaves_the_client_usable(
+    redis_server: RedisServer,
+) -> None:
+    with redis_server.client() as c:
+        c.set("open", "v")
+        c.set("secret", "v")
+        c.acl_setuser("reader", enabled=True, passwords=["+pw"], keys=["open*"], commands=["+@all"])
+    s = Source(f"redis://reader:pw@127.0.0.1:{redis_server.port}/0")
+    try:
+        await s.check()
+        with pytest.raises(ResponseError, match="no permissions"):
+            await s.read(0, [b"open", b"secret"], ["1-0", "1-1"])
+        [rec] = await s.read(0, [b"open"], ["1-2"])
+        assert isinstance(rec, KeyRecord) and rec.type == "string"
+    finally:
+        await s.close()
+
+
+@pytest.mark.anyio
+async def test_source_read_survives_a_dropped_connection_and_cancelled_reads(
+    redis_server: RedisServer, source: Source
+) -> None:
+    keys = [b"k%d" % i for i in range(2000)]
+    with redis_server.client() as c:
+        c.mset({k: k for k in keys})
+    await source.read(0, keys[:1], ["1-0"])
+    with redis_server.client() as c:
+        c.client_kill_filter(_type="normal")  # our pooled connection is gone
+    [rec] = await source.read(0, keys[:1], ["1-0"])
+    assert isinstance(rec, KeyRecord)
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.005):
+        with anyio.move_on_after(delay):
+            await source.read(0, keys, ["1-0"] * len(keys))  # cut off wherever it is
+    records = await source.read(0, keys, ["1-0"] * len(keys))
+    with redis_server.client() as c:
+        assert [r.payload for r in records if isinstance(r, KeyRecord)] == [c.dump(k) for k in keys]
 
 
 @pytest.mark.anyio
