@@ -40,7 +40,12 @@ from rrb_streams.config import BridgeConfig
 from rrb_streams.connections import connect, ping, redact_url, url_db
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
-from rrb_streams.notify import channel_pattern, ensure_notifications, parse_channel
+from rrb_streams.notify import (
+    channel_pattern,
+    channel_patterns,
+    ensure_notifications,
+    parse_channel,
+)
 from rrb_streams.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
@@ -181,31 +186,41 @@ class Bridge:
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self._cfg
-        channel = channel_pattern(None if cfg.all_dbs else self._db, cfg.pattern)
+        db = None if cfg.all_dbs else self._db
+        channel = channel_pattern(db, cfg.pattern)
+        patterns = channel_patterns(db, cfg.pattern, self._own.prefix)
         backoff = _Backoff(self._log, "bridge.subscribe_failed", cfg.max_backoff)
         while True:
             pubsub = subscriber.pubsub()
             error: BaseException | None = None
             try:
-                await pubsub.psubscribe(channel)
+                await pubsub.psubscribe(*patterns)
                 while True:
                     message = await pubsub.get_message(timeout=_READ_TIMEOUT)
                     if message is None:
                         continue
                     if message["type"] == "pmessage":
                         await self._forward(send, message["channel"], message["data"])
-                    elif message["type"] == "psubscribe":
+                    elif message["type"] == "psubscribe" and message["data"] == len(patterns):
                         # Also read after redis-py's own silent reconnect: its connect callback
-                        # re-sends PSUBSCRIBE, and this confirmation is how we learn of it.
+                        # re-sends PSUBSCRIBE, and this confirmation (of the last pattern: only
+                        # then are events of every watched key on their way) is how we learn
+                        # of it.
                         await self._on_subscribed(channel, task_status)
                         backoff.succeeded()
             except ResponseError as exc:
-                if not self._subscribed:
+                if len(patterns) > 1:
+                    # ACLs match pattern subscriptions literally, so a user allowed only the
+                    # plain pattern is refused these: take it, and drop own keys' events here.
+                    self._log.info("bridge.own_events_unfiltered", channel=channel, error=str(exc))
+                    patterns = [channel]
+                elif not self._subscribed:
                     raise DependencyError(
                         f"source Redis at {redact_url(cfg.source_url)} refused PSUBSCRIBE "
                         f"{channel}: {exc}"
                     ) from exc
-                error = exc
+                else:
+                    error = exc
             except RETRYABLE as exc:
                 error = exc
             finally:

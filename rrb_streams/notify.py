@@ -17,6 +17,7 @@ KEYSPACE = "K"
 CLASSES = "g$lshzxet"  # what "A" stands for, besides module keys ("d", Redis 7.0+)
 _ALL = "A"
 _CHANNEL_PREFIX = b"__keyspace@"
+_GLOB_SPECIAL = "\\*?[]^-"  # backslash-escaped in patterns, inside brackets or out
 
 
 def _present(current: str) -> set[str]:
@@ -80,6 +81,32 @@ async def ensure_notifications(r: Redis) -> str | None:
 def channel_pattern(db: int | None, pattern: str) -> str:
     """The PSUBSCRIBE pattern for keys matching ``pattern`` in ``db`` (``None``: every db)."""
     return f"__keyspace@{'*' if db is None else db}__:{pattern}"
+
+
+def channel_patterns(db: int | None, pattern: str, own_prefix: str) -> list[str]:
+    """The PSUBSCRIBE patterns for keys matching ``pattern`` in ``db`` (``None``: every db).
+
+    For ``*`` their union is every key except those starting with ``own_prefix``: uploaders
+    write several of rrb's own keys for every key they back up, and the source then publishes
+    none of those events to the bridge. With prefix ``p`` of ``n`` characters that takes ``2n``
+    disjoint patterns: for each ``i < n``, keys equal to ``p[:i]``, and keys that start with
+    ``p[:i]`` followed by any character but ``p[i]``. Any other pattern, or a prefix that is
+    not ASCII (the glob matches bytes), gives the one pattern of :func:`channel_pattern`.
+
+    With ``db`` ``None`` the ``*`` in the db part can also span a ``__:`` inside a key, so a
+    key holding ``__:`` may match two patterns and come twice: harmless, uploaders merge
+    repeated keys.
+    """
+    if pattern != "*" or not own_prefix or not own_prefix.isascii():
+        return [channel_pattern(db, pattern)]
+    head = channel_pattern(db, "")
+    escaped = ["\\" + c if c in _GLOB_SPECIAL else c for c in own_prefix]
+    patterns = []
+    for i in range(len(own_prefix)):
+        before = "".join(escaped[:i])
+        patterns.append(head + before)
+        patterns.append(f"{head}{before}[^{escaped[i]}]*")
+    return patterns
 
 
 def parse_channel(channel: bytes) -> tuple[int, bytes] | None:

@@ -212,6 +212,49 @@ async def test_bridge_ignores_own_keys(redis_server: RedisServer) -> None:
     assert done["skipped_own"] >= 2  # the lease and the stream itself
 
 
+async def test_bridge_source_does_not_send_it_events_of_own_keys(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forwarded: list[bytes] = []
+    real = Bridge._forward
+
+    async def forward(self: Bridge, send: Any, channel: bytes, event: bytes) -> None:
+        forwarded.append(channel)
+        await real(self, send, channel, event)
+
+    monkeypatch.setattr(Bridge, "_forward", forward)
+    async with running(config(redis_server)), client(redis_server.url()) as r:
+        for key in ("rrb:lease:0:ab", "rrb:done:0:ab", "rrb", "rr", ""):
+            await r.set(key, "v")
+        await wait_changes(r, has((b"rrb", "set"), (b"rr", "set"), (b"", "set")))
+    assert not [c for c in forwarded if c.startswith(b"__keyspace@0__:rrb:")]
+
+
+async def test_bridge_acl_allowing_only_the_plain_pattern_still_gets_every_event(
+    redis_server: RedisServer,
+) -> None:
+    with redis_server.client() as c:
+        c.config_set("notify-keyspace-events", "KA")
+        c.acl_setuser(
+            "backup",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["__keyspace@0__:*"],
+            commands=["+@all"],
+        )
+    url = f"redis://backup:pw@127.0.0.1:{redis_server.port}/0"
+    with capture_logs() as logs:
+        async with running(BridgeConfig(source_url=url).validate()), client(url) as r:
+            await r.set("rrb:lease:0:ab", "v")
+            await r.set("k", "v")
+            got = await wait_changes(r, has((b"k", "set")))
+    assert not [c for c in got if c.key.startswith(b"rrb:")]
+    assert [e["channel"] for e in logs if e["event"] == "bridge.own_events_unfiltered"] == [
+        "__keyspace@0__:*"
+    ]
+
+
 async def test_bridge_pattern_is_filtered_by_the_server(redis_server: RedisServer) -> None:
     with capture_logs() as logs:
         async with running(config(redis_server, pattern="keep:*")), client(redis_server.url()) as r:
