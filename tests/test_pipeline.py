@@ -108,3 +108,32 @@ async def test_pipeline_round_trip_to_s3(
         await round_trip(redis_factory, storage)
     finally:
         await storage.close()
+
+
+@pytest.mark.anyio
+async def test_pipeline_carries_a_50_mb_value_to_s3(
+    redis_factory: object, s3_bucket: str, moto_endpoint: str
+) -> None:
+    assert callable(redis_factory)
+    source: RedisServer = redis_factory()
+    target: RedisServer = redis_factory()
+    storage = S3Storage(
+        s3_bucket,
+        endpoint_url=moto_endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        region="us-east-1",
+    )
+    big = bytes(range(256)) * (50 * 1024 * 1024 // 256)
+    try:
+        async with running_pipeline(source.url(), storage):
+            with source.client() as c:
+                c.set(b"big", big)
+                c.set(b"empty", b"")
+            await wait_drained(source.url(), within=60)
+        with target.client() as t:
+            assert await restore_latest(storage, t) == 2
+            assert t.get(b"big") == big
+            assert t.get(b"empty") == b""
+    finally:
+        await storage.close()
