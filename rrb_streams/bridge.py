@@ -27,6 +27,7 @@ reconnect is a gap like any other.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import anyio
@@ -47,6 +48,7 @@ from rrb_streams.notify import (
     parse_channel,
 )
 from rrb_streams.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
+from rrb_streams.resp import pipeline
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
 _BACKOFF_BASE = 0.1
@@ -307,13 +309,19 @@ class Bridge:
     async def _write(self, stream: Redis, batch: list[Change], backoff: _Backoff) -> None:
         """XADD ``batch`` in one pipeline, retrying until it is in (a retry may duplicate
         entries, which is harmless: uploaders read the key's current state)."""
+        name = self._own.stream.encode()
+        commands = [
+            (b"XADD", name, b"*", *chain.from_iterable(entry_fields(*change).items()))
+            for change in batch
+        ]
         while True:
             try:
-                async with stream.pipeline(transaction=False) as pipe:
-                    for db, key, event, t in batch:
-                        fields: dict[Any, Any] = entry_fields(db, key, event, t)
-                        pipe.xadd(self._own.stream, fields)
-                    await pipe.execute()
+                failed = next(
+                    (r for r in await pipeline(stream, commands) if isinstance(r, Exception)),
+                    None,
+                )
+                if failed is not None:
+                    raise failed
             except RETRYABLE as exc:
                 await backoff.failed(exc)
                 continue

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ExecAbortError, ResponseError
+from redis.exceptions import ResponseError
 
 from rrb_streams.codec import KeyRecord
 from rrb_streams.connections import connect, ping, redact_url
+from rrb_streams.resp import transaction
 
 _COMMANDS_PER_KEY = 3
 
@@ -140,44 +139,6 @@ class Source:
 
     def __repr__(self) -> str:
         return f"Source({redact_url(self.url)!r})"
-
-
-async def transaction(r: Redis, commands: Sequence[tuple[bytes, ...]]) -> list[Any]:
-    """Run ``commands`` in one MULTI/EXEC on a connection of ``r``; EXEC's raw replies, with
-    the exception of a command that failed in its place.
-
-    The same as a transaction pipeline with ``raise_on_error=False``, without its cost per
-    command: the pipeline parses each command's ``QUEUED`` reply through the whole client, which
-    costs about as much again as the command's own reply. A command refused while queueing (by
-    an ACL, say) raises its ``ResponseError``. Connection errors are retried as ``r`` retries
-    any command: a read-only transaction can run twice.
-    """
-    pool = r.connection_pool
-    conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        packed = conn.pack_commands([(b"MULTI",), *commands, (b"EXEC",)])
-        return await conn.retry.call_with_retry(
-            lambda: _exec(conn, packed, len(commands)), lambda _: conn.disconnect()
-        )
-    finally:
-        await pool.release(conn)
-
-
-async def _exec(conn: AbstractConnection, packed: list[bytes], count: int) -> list[Any]:
-    await conn.send_packed_command(packed)
-    refused: ResponseError | None = None
-    for _ in range(count + 1):  # MULTI's OK, then a QUEUED per command
-        try:
-            await conn.read_response()
-        except ResponseError as exc:
-            refused = refused or exc
-    try:
-        replies = await conn.read_response()
-    except ExecAbortError:
-        if refused is not None:
-            raise refused from None
-        raise
-    return list(replies)
 
 
 def _major(version: str) -> int:

@@ -1,0 +1,97 @@
+"""Batches of Redis commands sent and read straight on a redis-py connection, for hot paths.
+
+redis-py's pipelines cost more per command than the command costs Redis: each one goes
+through the client's encoder, and each reply through the whole client under a timeout of its
+own. The bridge's XADDs and the uploaders' source reads run thousands of commands a second,
+so here commands of bytes arguments are packed in one go, and their replies are read under
+one shared deadline, the connection's socket timeout. Connection errors and timeouts are
+retried as the client retries any command, so only commands that may run twice belong here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ExecAbortError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Command = tuple[bytes, ...]
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """``commands`` in the Redis protocol (RESP): arrays of bulk strings."""
+    out = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        out += [b"$%d\r\n%s\r\n" % (len(a), a) for a in args]
+    return b"".join(out)
+
+
+async def pipeline(r: Redis, commands: Sequence[Command]) -> list[Any]:
+    """Send ``commands`` at once on a connection of ``r``; their raw replies, in order, with
+    a ``ResponseError`` in place of each command that failed (nothing is raised for them)."""
+
+    async def run(conn: AbstractConnection) -> list[Any]:
+        await conn.send_packed_command(pack(commands))
+        return await _replies(conn, len(commands))
+
+    return await _on_connection(r, run)
+
+
+async def transaction(r: Redis, commands: Sequence[Command]) -> list[Any]:
+    """Run ``commands`` in one MULTI/EXEC on a connection of ``r``; EXEC's raw replies, with
+    a ``ResponseError`` in place of each command that failed.
+
+    A command refused while queueing (by an ACL, say) aborts the transaction and raises its
+    ``ResponseError``. The ``QUEUED`` replies share the deadline; EXEC's reply, which holds
+    all the data, has the connection's socket timeout to itself.
+    """
+
+    async def run(conn: AbstractConnection) -> list[Any]:
+        await conn.send_packed_command(pack([(b"MULTI",), *commands, (b"EXEC",)]))
+        queued = await _replies(conn, len(commands) + 1)  # MULTI's OK, then a QUEUED each
+        refused = next((q for q in queued if isinstance(q, ResponseError)), None)
+        try:
+            replies = await conn.read_response()
+        except ExecAbortError:
+            if refused is not None:
+                raise refused from None
+            raise
+        return list(replies)
+
+    return await _on_connection(r, run)
+
+
+async def _on_connection(r: Redis, run: Any) -> list[Any]:
+    pool = r.connection_pool
+    conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        result: list[Any] = await conn.retry.call_with_retry(
+            lambda: run(conn), lambda _: conn.disconnect()
+        )
+        return result
+    finally:
+        await pool.release(conn)
+
+
+async def _replies(conn: AbstractConnection, count: int) -> list[Any]:
+    """The next ``count`` replies, error replies as ``ResponseError`` values."""
+    limit = conn.socket_timeout
+    out: list[Any] = []
+    try:
+        with anyio.fail_after(limit if limit is not None else math.inf):
+            for _ in range(count):
+                try:
+                    # Cut off by the deadline, a read disconnects: nothing half-read stays on
+                    # the connection.
+                    out.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    out.append(exc)
+    except TimeoutError as exc:
+        raise RedisTimeoutError(f"Redis sent no reply within {limit} s") from exc
+    return out
