@@ -357,7 +357,8 @@ class BatchProcessor:
         except anyio.WouldBlock:
             await self._limiter.acquire()
         try:
-            with anyio.fail_after(self._call_timeout):
+            # fail_after() without its generator: this runs once per key.
+            with anyio.CancelScope(deadline=anyio.current_time() + self._call_timeout) as scope:
                 if data is None:
                     await self._storage.delete(name)
                 else:
@@ -365,16 +366,16 @@ class BatchProcessor:
         except ObjectRejected as exc:
             out.failures[k] = f"storage rejected {name}: {exc}"
             return
-        except TimeoutError:
-            unavailable.append(
-                StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
-            )
-            return
         except (StorageError, OSError) as exc:
             unavailable.append(exc)
             return
         finally:
             self._limiter.release()
+        if scope.cancelled_caught:
+            unavailable.append(
+                StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
+            )
+            return
         out.written[k] = digest
         if rec.tombstone:
             self._stats.deletes += 1

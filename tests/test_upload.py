@@ -640,3 +640,24 @@ async def test_upload_rewrites_claimed_entries_whatever_the_done_marker_says(
         async with running(u):
             await until(lambda: drained(c), within=5)
     assert u.claimed == 1 and u.puts == 1 and latest(storage, b"k") is not None
+
+
+@pytest.mark.anyio
+async def test_upload_storage_call_that_hangs_is_given_up_and_retried(
+    redis_server: RedisServer,
+) -> None:
+    inner = MemoryStorage()
+    storage = FaultyStorage(inner)
+    storage.hang("put")
+    u = Uploader(config(redis_server, lease=0.1), storage)  # calls give up after 4 leases
+    with capture_logs() as logs, redis_server.client() as c:
+        c.set("k", "v")
+        note(c, "k")
+        async with running(u):
+            await until(lambda: any(e["event"] == "upload.retry" for e in logs))
+            assert pending(c) == 1 and inner.objects == {}
+            storage.release("put")
+            await until(lambda: drained(c))
+    retry = next(e for e in logs if e["event"] == "upload.retry")
+    assert "StorageUnavailable" in retry["error"] and "took over 0.4 s" in retry["error"]
+    assert latest(inner, b"k") is not None
