@@ -76,7 +76,8 @@ async def _on_connection(r: Redis, run: Any) -> list[Any]:
         )
         return result
     finally:
-        await pool.release(conn)
+        with anyio.CancelScope(shield=True):  # a cancelled caller must not leak the connection
+            await pool.release(conn)
 
 
 async def _replies(conn: AbstractConnection, count: int) -> list[Any]:
