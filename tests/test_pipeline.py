@@ -18,6 +18,18 @@ LONG_KEY = b"long:" + b"k" * 10_000
 BINARY_KEY = b"bin:\x00\xff\r\n\x80key"
 
 
+def moto_storage(bucket: str, endpoint: str, base: str = "") -> S3Storage:
+    """S3 storage on the test moto server."""
+    return S3Storage(
+        bucket,
+        base=base,
+        endpoint_url=endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        region="us-east-1",
+    )
+
+
 def populate_before(c: object) -> None:
     """Keys that exist before the bridge starts: only the startup rescan can find them."""
     import redis
@@ -96,14 +108,7 @@ async def test_pipeline_round_trip_to_a_folder(redis_factory: object, tmp_path: 
 async def test_pipeline_round_trip_to_s3(
     redis_factory: object, s3_bucket: str, moto_endpoint: str
 ) -> None:
-    storage = S3Storage(
-        s3_bucket,
-        base="backups/",
-        endpoint_url=moto_endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
+    storage = moto_storage(s3_bucket, moto_endpoint, base="backups/")
     try:
         await round_trip(redis_factory, storage)
     finally:
@@ -117,13 +122,7 @@ async def test_pipeline_carries_a_50_mb_value_to_s3(
     assert callable(redis_factory)
     source: RedisServer = redis_factory()
     target: RedisServer = redis_factory()
-    storage = S3Storage(
-        s3_bucket,
-        endpoint_url=moto_endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
+    storage = moto_storage(s3_bucket, moto_endpoint)
     big = bytes(range(256)) * (50 * 1024 * 1024 // 256)
     try:
         async with running_pipeline(source.url(), storage):
