@@ -1,10 +1,11 @@
 """The local filesystem as storage: one file per object below a root folder.
 
-A put writes a temporary file next to the target (``.{name}.{uuid}.tmp``, never listed) and
-renames it over the target, so readers see the old object or the new one, never a part. A put
-is made durable by :meth:`FsStorage.flush`, not by itself: on Linux one ``syncfs(2)`` of the
-root's filesystem commits a whole batch in one journal commit, several times faster than an
-``fsync`` per file. Elsewhere the files and folders changed since the last flush are fsynced.
+A put writes a temporary file next to the target (``.{name}.{32 hex digits}.tmp``, never
+listed) and renames it over the target, so readers see the old object or the new one, never a
+part. A put is made durable by :meth:`FsStorage.flush`, not by itself: on Linux one
+``syncfs(2)`` of the root's filesystem commits a whole batch in one journal commit, several
+times faster than an ``fsync`` per file. Elsewhere the files and folders changed since the last
+flush are fsynced.
 
 Blocking calls run in worker threads, at most ``max_threads`` at a time. Puts that wait at the
 same time share a thread: one trip to a worker thread writes every put queued by then, because
@@ -31,11 +32,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import re
+import secrets
 import sys
 import threading
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -124,6 +126,10 @@ class FsStorage:
         max_tracked: int = 10_000,
     ) -> None:
         self.root = Path(root).absolute()
+        self._root_text = str(self.root).rstrip("/")
+        # Temporary names: unique across processes by the tag, within one by the count.
+        self._temp_tag = secrets.token_hex(8)
+        self._temp_count = itertools.count()
         self._limiter = anyio.CapacityLimiter(max_threads)
         self._max_threads = max_threads
         self._queue: deque[_Put] = deque()
@@ -265,9 +271,11 @@ class FsStorage:
                 put.done = True
 
     def _write(self, name: str, data: bytes) -> _Paths:
-        path = self.root / name
+        # Paths as text: pathlib's parsing cost as much as the system calls of a small file.
+        path = f"{self._root_text}/{name}"
+        folder, _, filename = path.rpartition("/")
         for attempt in range(_MKDIR_RETRIES):
-            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+            tmp = f"{folder}/.{filename}.{self._temp_tag}{next(self._temp_count):016x}.tmp"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
                 break
@@ -275,7 +283,7 @@ class FsStorage:
                 # Missing folders, or delete() pruned the empty folder we had just made.
                 if attempt == _MKDIR_RETRIES - 1:
                     raise self._error(exc, name, "write") from exc
-                self._make_folders(path.parent, name)
+                self._make_folders(Path(folder), name)
             except (OSError, UnicodeEncodeError) as exc:
                 raise self._put_error(exc, name) from exc
         try:
@@ -290,7 +298,7 @@ class FsStorage:
             if isinstance(exc, OSError):
                 raise self._put_error(exc, name) from exc
             raise
-        return [path, *self._folders_of(path)] if self._syncfs is None else []
+        return [] if self._syncfs is not None else [Path(path), *self._folders_of(Path(path))]
 
     def _make_folders(self, folder: Path, name: str) -> None:
         """Create the root (never its parents: check() demands those exist) and ``folder``."""
