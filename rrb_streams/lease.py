@@ -188,7 +188,7 @@ class Leases:
         index_fields: Sequence[bytes] | None = None,
     ) -> tuple[list[Grant], str | None]:
         """Try to take every ``(db, key_hash)`` lease with ``token``: one script call per
-        :data:`CHUNK` keys, so one round trip for a batch of the default size.
+        :data:`CHUNK` keys (two for a full batch of the default 500 entries).
 
         A lease that already holds ``token`` counts as taken: a retried call, or a release
         that never arrived, must not make the holder wait out its own lease. Returns one
