@@ -7,6 +7,7 @@ dependency prints one line and exits 1. Neither prints a traceback unless ``--de
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -16,7 +17,14 @@ from typing import Any, NoReturn
 import anyio
 
 from rrb_streams import __version__
-from rrb_streams.config import BridgeConfig, StatusConfig, UploadConfig
+from rrb_streams.config import (
+    FORMATS,
+    IF_EXISTS,
+    BridgeConfig,
+    RestoreConfig,
+    StatusConfig,
+    UploadConfig,
+)
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, RrbError
 from rrb_streams.logs import configure, get_logger
@@ -174,10 +182,13 @@ def _first_rrb_error(exc: BaseException) -> RrbError | None:
     return None
 
 
-def _execute(prog: str, debug: bool, body: Callable[[], Awaitable[None]]) -> int:
-    """Run ``body`` under anyio; map errors to one line and an exit status."""
+def _execute(prog: str, debug: bool, body: Callable[[], Awaitable[int | None]]) -> int:
+    """Run ``body`` under anyio; map errors to one line and an exit status.
+
+    ``body`` may return the exit status; ``None`` means 0.
+    """
     try:
-        anyio.run(body)
+        status = anyio.run(body)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
@@ -191,7 +202,7 @@ def _execute(prog: str, debug: bool, body: Callable[[], Awaitable[None]]) -> int
             return 1
         sys.stderr.write(f"{prog}: error: {err}\n")
         return 2 if isinstance(err, ConfigError) else 1
-    return 0
+    return status or 0
 
 
 def _usage_error(prog: str, exc: ConfigError) -> int:
@@ -416,6 +427,183 @@ def status(argv: Sequence[str] | None = None) -> int:
     return _execute(p.prog, args.debug, body)
 
 
+def _restore_config(args: argparse.Namespace, storage: StorageSpec) -> RestoreConfig:
+    from rrb_streams.attime import parse_at
+
+    extra: dict[str, Any] = {}
+    if args.consumer:
+        extra["consumer"] = args.consumer
+    return RestoreConfig(
+        target_url=_source_url(args),
+        storage=storage,
+        stream_url=args.stream_url,
+        path_prefix=args.path,
+        concurrency=args.concurrency,
+        at_us=None if args.at is None else parse_at(args.at),
+        match=args.match,
+        db=args.db,
+        if_exists=args.if_exists,
+        format=args.format,
+        dry_run=args.dry_run,
+        own_prefix=args.own_prefix,
+        batch_size=args.batch_size,
+        retry_timeout=args.retry_timeout,
+        claim_idle=args.claim_idle,
+        grace=args.grace,
+        **extra,
+    ).validate()
+
+
+def restore(argv: Sequence[str] | None = None) -> int:
+    """``rrb-restore``: replay stored objects into a Redis, resumably."""
+    p = _parser(
+        "rrb-restore",
+        "Restore a backup into a Redis: every key's type, value and expiry, latest or as of "
+        "--at. Running the same command again resumes; more processes may join.",
+        "target Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
+    )
+    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+    p.add_argument(
+        "-c",
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="writers in this process: concurrent object fetches (default: 4)",
+    )
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="restore the state as of TIME: ISO-8601 (UTC unless it says otherwise) or Unix "
+        "seconds; needs a --versioning backup",
+    )
+    p.add_argument("--match", default="*", metavar="GLOB", help="restore only keys matching GLOB")
+    p.add_argument(
+        "--db",
+        type=int,
+        metavar="N",
+        help="restore only what was backed up from db N, into the target URL's db "
+        "(default: every key into the db it came from)",
+    )
+    p.add_argument(
+        "--if-exists",
+        choices=IF_EXISTS,
+        default="replace",
+        help="a key already in the target: replace it, skip it, or count it as failed "
+        "(default: replace)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="rrb",
+        help="legacy: objects of the original realtime-redis-backup (default: rrb)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (objects, keys, bytes, a sample) and write nothing",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary (or plan) as JSON")
+    p.add_argument(
+        "--stream-url",
+        metavar="URL",
+        help="Redis holding the restore stream (default: the target)",
+    )
+    p.add_argument(
+        "--own-prefix",
+        default="rrb:",
+        metavar="PREFIX",
+        help="prefix of rrb's own keys (default: rrb:)",
+    )
+    p.add_argument("--consumer", metavar="NAME", help="writer name (default: <hostname>-<pid>)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=50,
+        metavar="N",
+        help="objects per writer batch (default: 50)",
+    )
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="take over a dead writer's objects after this long (default: 15)",
+    )
+    p.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up after failing this long without a success (default: 60)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time to finish in-flight objects (default: 10)",
+    )
+    args = p.parse_args(argv)
+    tty = sys.stderr.isatty() and not args.quiet
+    configure(debug=args.debug, quiet=args.quiet, default_level="WARNING" if tty else "INFO")
+    try:
+        cfg = _restore_config(args, parse_storage_url(args.storage))
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> int:
+        from rrb_streams.planner import preview
+        from rrb_streams.progress import Progress
+        from rrb_streams.restore import Restorer, require_versions
+        from rrb_streams.restore_report import (
+            exit_status,
+            render_preview,
+            render_summary,
+            summary_data,
+        )
+        from rrb_streams.service import serve
+
+        log = get_logger("restore")
+        storage = await _open_checked_storage(cfg.storage)
+        try:
+            await require_versions(cfg, storage)
+            if cfg.dry_run:
+                plan = await preview(
+                    cfg, storage, on_foreign=lambda n: log.debug("restore.foreign_object", object=n)
+                )
+                print(render_preview(plan, cfg, as_json=args.json))
+                return 0
+            restorer = Restorer(cfg, storage, progress=Progress(tty=tty, log=log))
+            _say(
+                [
+                    f"[*] Restoring {cfg.storage.description} '{cfg.path_prefix}' into "
+                    f"{redact_url(cfg.target_url)}",
+                    f"[*] Run {restorer.run_id}; the same command resumes it or joins it",
+                ],
+                args.quiet,
+            )
+            await serve([restorer], grace=cfg.grace)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+        report = restorer.report
+        if report is None:  # cancelled before the end: a second signal
+            return 1
+        if args.json:
+            print(json.dumps(summary_data(report), indent=2))
+        else:
+            print(render_summary(report))
+        return exit_status(report)
+
+    return _execute(p.prog, args.debug, body)
+
+
 def _entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[], NoReturn]:
     def main() -> NoReturn:
         sys.exit(fn(sys.argv[1:]))
@@ -427,3 +615,4 @@ bridge_main = _entry(bridge)
 upload_main = _entry(upload)
 rrb_main = _entry(rrb)
 status_main = _entry(status)
+restore_main = _entry(restore)

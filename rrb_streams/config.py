@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field, fields
 
 from rrb_streams.changes import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys
-from rrb_streams.connections import redact_url, validate_url
+from rrb_streams.connections import redact_url, url_db, validate_url
 from rrb_streams.errors import ConfigError
 from rrb_streams.layout import normalize_prefix
 from rrb_streams.storage.url import StorageSpec
@@ -144,4 +144,96 @@ class StatusConfig(_Masked):
 
     def validate(self) -> StatusConfig:
         validate_url(self.stream_url, "stream Redis URL")
+        return self
+
+
+IF_EXISTS = ("replace", "skip", "fail")
+FORMATS = ("rrb", "legacy")
+
+
+@dataclass(frozen=True, repr=False)
+class RestoreConfig(_Masked):
+    """Settings of ``rrb-restore``: what to restore from where, into which Redis, and how.
+
+    Everything that changes *what* is restored (storage, prefix, target, filters, ``--at``,
+    format) makes up the run's identity; see :func:`rrb_streams.restore.run_id`.
+    """
+
+    target_url: str
+    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
+    stream_url: str | None = None  # None: the restore stream lives on the target
+    path_prefix: str = ""
+    concurrency: int = 4  # writers: concurrent object fetches in this process
+    at_us: int | None = None  # --at, Unix microseconds on the source clock
+    match: str = "*"
+    db: int | None = None  # restore only what was backed up from this db, into the URL's db
+    if_exists: str = "replace"
+    format: str = "rrb"
+    dry_run: bool = False
+    consumer: str = field(default_factory=default_consumer)
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    batch_size: int = 50  # stream entries per writer batch
+    retry_timeout: float = 60.0  # seconds of continuous failure before giving up
+    max_backlog: int = 100_000  # planned-but-unwritten entries the restore stream may hold
+    claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken
+    grace: float = 10.0
+    max_backoff: float = 5.0
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+    @property
+    def effective_stream_url(self) -> str:
+        return self.stream_url or self.target_url
+
+    @property
+    def legacy(self) -> bool:
+        return self.format == "legacy"
+
+    @property
+    def into_db(self) -> int | None:
+        """The db every key goes into, or ``None``: each key returns to the db it came from."""
+        if self.db is not None or self.legacy:
+            return url_db(self.target_url)
+        return None
+
+    def validate(self) -> RestoreConfig:
+        validate_url(self.target_url, "target Redis URL")
+        if self.stream_url:
+            validate_url(self.stream_url, "stream Redis URL")
+        object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
+        if self.concurrency < 1:
+            raise ConfigError(f"invalid --concurrency {self.concurrency}: must be at least 1")
+        if self.if_exists not in IF_EXISTS:
+            raise ConfigError(
+                f"invalid --if-exists {self.if_exists!r}: expected one of {', '.join(IF_EXISTS)}"
+            )
+        if self.format not in FORMATS:
+            raise ConfigError(
+                f"invalid --format {self.format!r}: expected one of {', '.join(FORMATS)}"
+            )
+        if not self.match:
+            raise ConfigError("invalid --match '': must not be empty")
+        if self.db is not None and self.db < 0:
+            raise ConfigError(f"invalid --db {self.db}: must be 0 or more")
+        if self.legacy and self.db is not None:
+            raise ConfigError(
+                "invalid --db with --format legacy: legacy objects carry no database number; "
+                "choose the destination with the target URL (redis://host:6379/N)"
+            )
+        if self.db is None and not self.legacy and url_db(self.target_url) != 0:
+            raise ConfigError(
+                f"the target URL {redact_url(self.target_url)} selects db "
+                f"{url_db(self.target_url)}, but without --db every key returns to the db it "
+                "was backed up from; add --db N to restore backed-up db N into it"
+            )
+        if not self.consumer:
+            raise ConfigError("invalid --consumer '': must not be empty")
+        if not self.own_prefix:
+            raise ConfigError("invalid --own-prefix '': must not be empty")
+        for name in ("batch_size", "max_backlog"):
+            _positive(name, getattr(self, name))
+        for name in ("retry_timeout", "claim_idle", "grace", "max_backoff"):
+            _positive(name, getattr(self, name))
         return self

@@ -26,6 +26,7 @@ class Retrying:
         self._stage = stage
         self._cap = cap
         self._failing: dict[object, int] = {}  # task token -> its consecutive failures
+        self._outage_since: float | None = None
         self.consecutive_errors = 0
 
     @property
@@ -33,8 +34,16 @@ class Retrying:
         """Whether some task of this stage is between a failure and its next success."""
         return bool(self._failing)
 
+    def outage_seconds(self) -> float:
+        """How long some task of this stage has been failing without all of them recovering."""
+        if self._outage_since is None:
+            return 0.0
+        return anyio.current_time() - self._outage_since
+
     async def failed(self, task: object, exc: BaseException) -> None:
         """Log the failure of ``task`` and sleep its backoff. Never call it for cancellation."""
+        if self._outage_since is None:
+            self._outage_since = anyio.current_time()
         n = self._failing.get(task, 0) + 1
         self._failing[task] = n
         self.consecutive_errors += 1
@@ -56,9 +65,11 @@ class Retrying:
             f"{self._prefix}.recovered", stage=self._stage, after_errors=self.consecutive_errors
         )
         self.consecutive_errors = 0
+        self._outage_since = None
 
     def forget(self, task: object) -> None:
         """Drop ``task`` (it ended without succeeding again) so it cannot block ``recovered``."""
         self._failing.pop(task, None)
         if not self._failing:
             self.consecutive_errors = 0
+            self._outage_since = None

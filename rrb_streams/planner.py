@@ -1,0 +1,199 @@
+"""The restore planner: from the storage listing into the restore stream, resumably.
+
+One process of a run plans at a time, holding the run's planner lock (see :class:`Planner`).
+The listing streams page by page; items go into the stream in chunks, each chunk in one
+transaction with the cursor that records it (:meth:`RunState.add`), so a planner killed at
+any moment resumes at the chunk after the last one recorded, and adds nothing twice.
+
+The stream is bounded: while it holds ``max_backlog`` entries the planner trims what every
+writer acknowledged and waits, so a restore of millions of keys does not grow the target's
+memory by millions of entries.
+
+:func:`preview` is the same selection without Redis, for ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from rrb_streams.changes import trim
+from rrb_streams.config import RestoreConfig
+from rrb_streams.legacy import parse_legacy_name
+from rrb_streams.plan import Item, PlanStats, legacy_rank, select
+from rrb_streams.restore_state import RunState
+from rrb_streams.storage.base import Storage
+
+CHUNK = 500  # items per transaction
+FOREIGN_SHOWN = 10  # names of foreign objects logged, per planning pass
+_BACKLOG_POLL = 0.2
+
+
+def list_prefix(cfg: RestoreConfig) -> str:
+    """Where the listing starts: with ``--db N``, only that db's folder."""
+    if cfg.db is not None:
+        return f"{cfg.path_prefix}db{cfg.db}/"
+    return cfg.path_prefix
+
+
+class Planner:
+    """Plans one run into its stream. Call :meth:`run` while holding the planner lock."""
+
+    def __init__(self, cfg: RestoreConfig, storage: Storage, state: RunState, log: Any) -> None:
+        self._cfg = cfg
+        self._storage = storage
+        self._state = state
+        self._log = log
+        self._foreign_shown = 0
+
+    async def run(self) -> None:
+        """Plan from the recorded cursor to the end, then mark the plan done.
+
+        Storage and Redis errors propagate; the caller retries, and the next call resumes
+        from the cursor.
+        """
+        if self._cfg.legacy:
+            await self._run_legacy()
+        else:
+            await self._run_rrb()
+
+    async def _run_rrb(self) -> None:
+        cfg, state = self._cfg, self._state
+        after, _ = await state.cursor()
+        stats = PlanStats()
+        flushed = PlanStats()
+        chunk: list[Item] = []
+
+        async def flush(done: bool) -> None:
+            await self._wait_for_room()
+            await state.add(
+                chunk,
+                cursor=chunk[-1].group if chunk else None,
+                done=done,
+                listed=stats.listed - flushed.listed,
+                foreign=stats.foreign - flushed.foreign,
+                absent_planned=stats.absent - flushed.absent,
+            )
+            flushed.listed, flushed.foreign, flushed.absent = (
+                stats.listed,
+                stats.foreign,
+                stats.absent,
+            )
+            chunk.clear()
+
+        listing = self._storage.list(list_prefix(cfg))
+        async for item in select(
+            listing,
+            cfg.path_prefix,
+            at_us=cfg.at_us,
+            stats=stats,
+            after=after,
+            on_foreign=self._foreign,
+        ):
+            chunk.append(item)
+            if len(chunk) >= CHUNK:
+                await flush(done=False)
+        await flush(done=True)
+        self._log.info("restore.planned", resumed_after=after, **vars(stats))
+
+    async def _run_legacy(self) -> None:
+        cfg, state = self._cfg, self._state
+        cursor, phase = await state.cursor()
+        if phase == "group":
+            listed = foreign = 0
+            offers: list[tuple[str, int, int, str]] = []
+            last = cursor
+            async for info in self._storage.list(cfg.path_prefix):
+                if cursor is not None and info.name <= cursor:
+                    continue
+                listed += 1
+                last = info.name
+                name = parse_legacy_name(info.name, cfg.path_prefix)
+                if name is None:
+                    foreign += 1
+                    self._foreign(info.name)
+                elif (rank := legacy_rank(name, cfg.at_us)) is not None:
+                    offers.append((name.key_hash, rank, info.size, info.name))
+                if listed >= CHUNK:
+                    assert last is not None
+                    await state.offer(offers, cursor=last, listed=listed, foreign=foreign)
+                    listed = foreign = 0
+                    offers.clear()
+            if last is not None and listed:
+                await state.offer(offers, cursor=last, listed=listed, foreign=foreign)
+            await state.set_phase("feed")
+        while True:
+            await self._wait_for_room()
+            taken = await state.take_legacy(CHUNK)
+            await state.add_legacy(taken, done=not taken)
+            if not taken:
+                break
+        self._log.info("restore.planned", format="legacy")
+
+    async def _wait_for_room(self) -> None:
+        state = self._state
+        while await state.backlog() >= self._cfg.max_backlog:
+            if not await trim(state.r, state.keys.stream):
+                await anyio.sleep(_BACKLOG_POLL)
+
+    def _foreign(self, name: str) -> None:
+        if self._foreign_shown < FOREIGN_SHOWN:
+            self._foreign_shown += 1
+            hint = (
+                "objects of the original tool need --format legacy"
+                if not self._cfg.legacy and parse_legacy_name(name, self._cfg.path_prefix)
+                else None
+            )
+            self._log.warning("restore.foreign_object", object=name, hint=hint)
+
+
+@dataclass
+class Preview:
+    """What ``--dry-run`` reports."""
+
+    stats: PlanStats
+    sample: list[str] = field(default_factory=list)
+
+
+async def preview(
+    cfg: RestoreConfig, storage: Storage, *, sample: int = 10, on_foreign: Callable[[str], None]
+) -> Preview:
+    """The plan without Redis: counts, bytes and the first ``sample`` object names.
+
+    For legacy objects the best object per key is kept in memory (about 100 bytes per key),
+    since a legacy key's versions are spread over the whole listing.
+    """
+    stats = PlanStats()
+    out = Preview(stats)
+    if not cfg.legacy:
+        async for item in select(
+            storage.list(list_prefix(cfg)),
+            cfg.path_prefix,
+            at_us=cfg.at_us,
+            stats=stats,
+            on_foreign=on_foreign,
+        ):
+            if len(out.sample) < sample:
+                out.sample.append(item.names[0])
+        return out
+    best: dict[bytes, tuple[int, int, str]] = {}
+    async for info in storage.list(cfg.path_prefix):
+        stats.listed += 1
+        name = parse_legacy_name(info.name, cfg.path_prefix)
+        if name is None:
+            stats.foreign += 1
+            on_foreign(info.name)
+            continue
+        rank = legacy_rank(name, cfg.at_us)
+        if rank is None:
+            continue
+        h = bytes.fromhex(name.key_hash)
+        if h not in best or best[h][0] < rank:
+            best[h] = (rank, info.size, info.name)
+    stats.keys = len(best)
+    stats.bytes = sum(size for _, size, _ in best.values())
+    out.sample = sorted(name for _, _, name in best.values())[:sample]
+    return out

@@ -1,0 +1,261 @@
+"""Writing restore items into the target: fetch, verify, choose, filter, RESTORE.
+
+For one batch of items, :meth:`Replayer.apply`:
+
+1. fetches each item's objects and verifies them (:func:`rrb_streams.codec.decode`, or
+   :func:`rrb_streams.legacy.decode_legacy`). A damaged object is a *failure* of its item,
+   named; nothing of it is written;
+2. of an item's records, restores the newest read at or before ``--at``; a tombstone there
+   means the key was absent (*absent*);
+3. skips keys that ``--match``, ``--db`` or rrb's own prefix leave out (*filtered*), and keys
+   whose absolute expiry has passed on the target's clock (*expired*). ``RESTORE`` with a past
+   ``ABSTTL`` would silently delete an existing key, so they never reach it;
+4. refuses payloads from a newer RDB version than the target reads (*failed*, saying so);
+5. writes the rest in one pipeline per destination db: ``RESTORE key ttl payload ABSTTL``
+   with ``REPLACE`` under ``--if-exists replace``, without it otherwise (a ``BUSYKEY`` reply
+   is then *existing*, or a failure under ``fail``). Legacy objects hold plain strings:
+   ``SET``, or ``SET … NX``.
+
+Transient errors (storage unavailable, the target unreachable) raise, and the caller retries
+the whole batch: every write in it is idempotent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from rrb_streams import codec, resp
+from rrb_streams.codec import KeyRecord
+from rrb_streams.config import RestoreConfig
+from rrb_streams.connections import connect
+from rrb_streams.errors import CorruptObject, ObjectNotFound
+from rrb_streams.keyglob import compile_glob
+from rrb_streams.legacy import decode_legacy
+from rrb_streams.storage.base import Storage
+
+RESTORED = "restored"
+EXPIRED = "expired"
+FILTERED = "filtered"
+EXISTING = "existing"
+ABSENT = "absent"
+FAILED = "failed"
+OUTCOMES = (RESTORED, EXPIRED, FILTERED, EXISTING, ABSENT, FAILED)
+
+_DECODE_IN_THREAD = 1 << 20  # bytes above which checksumming leaves the event loop
+_SHOWN_KEY = 80  # bytes of a key shown in messages
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of one item. ``reason`` names the object and says why, for failures."""
+
+    outcome: str
+    bytes: int = 0  # payload bytes written
+    name: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    db: int
+    command: tuple[bytes, ...]
+    name: str
+    key: bytes
+    size: int
+
+
+def rdb_version(payload: bytes) -> int:
+    """The RDB version a ``DUMP`` payload was made with: the two bytes before its CRC64."""
+    if len(payload) < 10:
+        return 0
+    return int.from_bytes(payload[-10:-8], "little")
+
+
+def show_key(key: bytes) -> str:
+    """A key as messages show it: printable, and cut at 80 bytes."""
+    text = repr(key[:_SHOWN_KEY])[2:-1]
+    return text + "…" if len(key) > _SHOWN_KEY else text
+
+
+class Replayer:
+    """Applies batches of items to the target. One per process, shared by its writers.
+
+    ``target_rdb`` is the highest RDB version the target reads, and ``clock_offset_ms`` the
+    target's clock minus this host's, so expiry is judged by the clock that enforces it.
+    """
+
+    def __init__(
+        self,
+        cfg: RestoreConfig,
+        storage: Storage,
+        *,
+        target_rdb: int,
+        clock_offset_ms: float,
+        log: Any,
+    ) -> None:
+        self._cfg = cfg
+        self._storage = storage
+        self._target_rdb = target_rdb
+        self._clock_offset_ms = clock_offset_ms
+        self._log = log
+        self._match: Callable[[bytes], bool] = compile_glob(
+            cfg.match.encode("utf-8", "surrogateescape")
+        )
+        self._own = cfg.own_prefix.encode()
+        self._clients: dict[int, Redis] = {}
+
+    def client(self, db: int) -> Redis:
+        """The target client for ``db``, created on first use."""
+        r = self._clients.get(db)
+        if r is None:
+            r = self._clients[db] = connect(self._cfg.target_url, db=db, name="rrb-restore")
+        return r
+
+    async def close(self) -> None:
+        for r in self._clients.values():
+            await r.aclose()
+        self._clients.clear()
+
+    async def apply(self, items: Sequence[Sequence[str]]) -> list[Result]:
+        """Restore each item (a sequence of candidate object names); one result per item."""
+        results: list[Result | None] = []
+        writes: list[tuple[int, _Write]] = []
+        for i, names in enumerate(items):
+            outcome = await self._prepare(names)
+            if isinstance(outcome, _Write):
+                writes.append((i, outcome))
+                results.append(None)
+            else:
+                results.append(outcome)
+        for i, result in await self._write(writes):
+            results[i] = result
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    # -- one item ---------------------------------------------------------------------------
+
+    async def _prepare(self, names: Sequence[str]) -> _Write | Result:
+        cfg = self._cfg
+        if not names:
+            return self._failed("", "a restore entry without an object name")
+        if cfg.legacy:
+            return await self._prepare_legacy(names[0])
+        chosen: KeyRecord | None = None
+        chosen_name = ""
+        for name in names:
+            try:
+                rec = await self._fetch(name)
+            except (ObjectNotFound, CorruptObject) as exc:
+                return self._failed(name, _reason(exc, name))
+            if cfg.at_us is not None and rec.read_at_us > cfg.at_us:
+                continue
+            if chosen is None or rec.read_at_us > chosen.read_at_us:
+                chosen, chosen_name = rec, name
+        if chosen is None or chosen.tombstone:
+            return Result(ABSENT, name=names[0])
+        rec = chosen
+        if not self._wanted(rec.key, rec.db):
+            return Result(FILTERED, name=chosen_name)
+        if rec.expire_at_ms is not None and rec.expire_at_ms <= self._now_ms():
+            return Result(EXPIRED, name=chosen_name)
+        version = rdb_version(rec.payload)
+        if version > self._target_rdb:
+            reason = (
+                f"key {show_key(rec.key)!r} was dumped by Redis {rec.redis_version} "
+                f"(RDB {version}); the target reads RDB {self._target_rdb} at most"
+            )
+            self._log.warning("restore.newer_rdb", object=chosen_name, reason=reason)
+            return self._failed(chosen_name, reason)
+        command: tuple[bytes, ...] = (
+            b"RESTORE",
+            rec.key,
+            b"0" if rec.expire_at_ms is None else b"%d" % rec.expire_at_ms,
+            rec.payload,
+        )
+        if rec.expire_at_ms is not None:
+            command += (b"ABSTTL",)
+        if cfg.if_exists == "replace":
+            command += (b"REPLACE",)
+        db = rec.db if cfg.into_db is None else cfg.into_db
+        return _Write(db, command, chosen_name, rec.key, len(rec.payload))
+
+    async def _prepare_legacy(self, name: str) -> _Write | Result:
+        try:
+            data = await self._storage.get(name)
+            key, value = decode_legacy(data, name)
+        except (ObjectNotFound, CorruptObject) as exc:
+            return self._failed(name, _reason(exc, name))
+        if not self._wanted(key, None):
+            return Result(FILTERED, name=name)
+        command: tuple[bytes, ...] = (b"SET", key, value)
+        if self._cfg.if_exists != "replace":
+            command += (b"NX",)
+        assert self._cfg.into_db is not None
+        return _Write(self._cfg.into_db, command, name, key, len(value))
+
+    async def _fetch(self, name: str) -> KeyRecord:
+        data = await self._storage.get(name)
+        if len(data) > _DECODE_IN_THREAD:
+            return await anyio.to_thread.run_sync(codec.decode, data, name)
+        return codec.decode(data, name)
+
+    def _wanted(self, key: bytes, db: int | None) -> bool:
+        if key.startswith(self._own):
+            return False  # never ours to write: it could clobber the restore's own state
+        if self._cfg.db is not None and db is not None and db != self._cfg.db:
+            return False
+        return self._match(key)
+
+    def _now_ms(self) -> float:
+        return time.time() * 1000 + self._clock_offset_ms
+
+    def _failed(self, name: str, reason: str) -> Result:
+        self._log.error("restore.object_failed", object=name, reason=reason)
+        return Result(FAILED, name=name, reason=reason)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _write(self, writes: list[tuple[int, _Write]]) -> list[tuple[int, Result]]:
+        by_db: dict[int, list[tuple[int, _Write]]] = {}
+        for i, w in writes:
+            by_db.setdefault(w.db, []).append((i, w))
+        out: list[tuple[int, Result]] = []
+        for db, group in by_db.items():
+            replies = await resp.pipeline(self.client(db), [w.command for _, w in group])
+            out += [
+                (i, self._judge(w, reply)) for (i, w), reply in zip(group, replies, strict=True)
+            ]
+        return out
+
+    def _judge(self, w: _Write, reply: Any) -> Result:
+        if isinstance(reply, ResponseError):
+            if str(reply).startswith("BUSYKEY"):
+                return self._existing(w)
+            reason = f"key {show_key(w.key)!r}: the target refused it: {reply}"
+            if "payload version" in str(reply):
+                reason += " (made by a newer Redis than the target?)"
+            return self._failed(w.name, reason)
+        if reply is None:  # SET … NX on an existing key
+            return self._existing(w)
+        return Result(RESTORED, bytes=w.size, name=w.name)
+
+    def _existing(self, w: _Write) -> Result:
+        if self._cfg.if_exists == "fail":
+            return self._failed(
+                w.name, f"key {show_key(w.key)!r} exists in the target (--if-exists fail)"
+            )
+        return Result(EXISTING, name=w.name)
+
+
+def _reason(exc: Exception, name: str) -> str:
+    if isinstance(exc, ObjectNotFound):
+        return f"{name}: gone from storage since it was listed"
+    text = str(exc)
+    return text if text.startswith(name) else f"{name}: {text}"

@@ -1,0 +1,432 @@
+"""rrb-restore: one process of a restore run, with ``-c`` writers in its consumer group.
+
+A process:
+
+1. checks the target (reachable, writable, accepts ``RESTORE``; its RDB version and clock)
+   and, for ``--at``, that the backup has versions;
+2. joins the run (:mod:`rrb_streams.restore_state`), creating it when it is new;
+3. runs, until the run is finished or :meth:`Restorer.stop`:
+
+   - a **coordinator** that plans the run (:class:`rrb_streams.planner.Planner`) while it
+     holds the planner lock, and takes the lock over when the planning process died;
+   - a **reader**: ``XREADGROUP`` of new entries, and every ``claim_idle / 2`` seconds an
+     ``XAUTOCLAIM`` of entries idle for ``claim_idle`` (their writer died). Batches reach the
+     writers through a memory stream without a buffer, so at most ``concurrency + 1`` are
+     in memory;
+   - ``concurrency`` **writers**: :meth:`rrb_streams.replay.Replayer.apply`, then the ack;
+   - **progress**, from the run's counters, so it counts every process's work.
+
+A run is finished when the plan is complete and every entry is delivered and acknowledged;
+the process that sees it first deletes the run's keys and reports the run's totals.
+
+Storage and Redis outages are retried with capped backoff; after ``retry_timeout`` seconds
+without a success the process stops with an error, and running the command again resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from rrb_streams.config import RestoreConfig
+from rrb_streams.connections import connect, ping, redact_url
+from rrb_streams.errors import ConfigError, DependencyError, StorageError
+from rrb_streams.logs import get_logger
+from rrb_streams.plan import has_versions
+from rrb_streams.planner import Planner
+from rrb_streams.progress import Progress
+from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, rdb_version
+from rrb_streams.restore_state import GROUP, Ack, RunKeys, RunState, Totals, run_id
+from rrb_streams.retrying import Retrying
+from rrb_streams.storage.base import Storage
+
+TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
+MAX_BLOCK_MS = 500
+PLANNER_TTL = 15.0  # seconds the planner's lock lasts unless renewed
+
+Entry = tuple[str, tuple[str, ...]]  # entry id, candidate object names
+
+
+@dataclass
+class ProcessStats:
+    """What this process did (the run's totals span every process and attempt)."""
+
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    bytes: int = 0
+    claimed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+@dataclass
+class Report:
+    """How the process ended, for the summary and the exit status."""
+
+    run: str
+    resumed: bool
+    finished: bool  # the run is complete
+    stats: ProcessStats
+    totals: Totals | None  # the run's totals, when this process finished the run
+
+    @property
+    def failed(self) -> int:
+        if self.totals is not None:
+            return self.totals["failed"]
+        return self.stats.outcomes[FAILED]
+
+
+class Restorer:
+    """One process of a restore run. ``storage`` belongs to the caller."""
+
+    def __init__(self, cfg: RestoreConfig, storage: Storage, *, progress: Progress | None = None):
+        self.cfg = cfg
+        self.storage = storage
+        self.run_id = run_id(cfg)
+        self.keys = RunKeys(cfg.own_prefix, self.run_id)
+        self.stats = ProcessStats()
+        self.report: Report | None = None
+        self.resumed = False
+        self._progress = progress
+        self._log = get_logger("restore", run=self.run_id, consumer=cfg.consumer)
+        self._stop_requested = False
+        self._read_scope: anyio.CancelScope | None = None
+        self._in_hand: set[str] = set()
+        self._finished = False
+        self._retrying = Retrying(self._log, "restore", "write", cap=cfg.max_backoff)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Restore until the run is finished or :meth:`stop`; then set :attr:`report`.
+
+        Raises ``DependencyError`` before ``task_status.started()`` when the target, the
+        stream's Redis or the storage cannot be used, and later when an outage outlasts
+        ``retry_timeout``.
+        """
+        cfg = self.cfg
+        r = connect(cfg.effective_stream_url, name="rrb-restore")
+        state = RunState(r, self.keys)
+        replayer: Replayer | None = None
+        try:
+            replayer = await self._start(r, state)
+            task_status.started()
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._coordinate, state)
+                background.start_soon(self._show_progress, state)
+                send, receive = anyio.create_memory_object_stream[list[Entry]](0)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read, state, send)
+                    for _ in range(cfg.concurrency):
+                        tg.start_soon(self._write, state, replayer, receive.clone())
+                    receive.close()
+                background.cancel_scope.cancel()
+            self.stats.ended = time.monotonic()
+            totals = await self._end(state)
+            self.report = Report(self.run_id, self.resumed, self._finished, self.stats, totals)
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if replayer is not None:
+                    await replayer.close()
+                await r.aclose()
+
+    def stop(self) -> None:
+        """Stop reading; the writers finish and acknowledge their batches, and run returns."""
+        self._stop_requested = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    # -- start and end ----------------------------------------------------------------------
+
+    async def _start(self, r: Redis, state: RunState) -> Replayer:
+        cfg = self.cfg
+        target = connect(cfg.target_url, name="rrb-restore")
+        try:
+            await ping(target, cfg.target_url, "target Redis")
+            rdb, offset_ms = await probe_target(target, cfg)
+        finally:
+            await target.aclose()
+        await ping(r, cfg.effective_stream_url, "stream Redis")
+        try:
+            self.resumed = await state.join(describe(cfg))
+        except RedisError as exc:
+            raise DependencyError(
+                f"cannot create the restore stream {self.keys.stream!r} at "
+                f"{redact_url(cfg.effective_stream_url)}: {exc}"
+            ) from exc
+        totals = await state.totals()
+        self._log.info(
+            "restore.joined" if self.resumed else "restore.created",
+            stream=self.keys.stream,
+            done=totals["done"],
+            planned=totals["planned"],
+            target_rdb=rdb,
+        )
+        return Replayer(cfg, self.storage, target_rdb=rdb, clock_offset_ms=offset_ms, log=self._log)
+
+    async def _end(self, state: RunState) -> Totals | None:
+        try:
+            if self._finished:
+                totals = await state.finish()
+                if totals is not None:
+                    self._log.info("restore.finished", **totals.counters)
+                return totals
+            if await state.exists():
+                await state.forget_consumer(self.cfg.consumer)
+        except TRANSIENT as exc:
+            self._log.warning("restore.end_failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+
+    # -- planning ---------------------------------------------------------------------------
+
+    async def _coordinate(self, state: RunState) -> None:
+        """Plan the run whenever nobody else does, until the plan is complete."""
+        retrying = Retrying(self._log, "restore", "plan", cap=self.cfg.max_backoff)
+        token = self.cfg.consumer
+        while True:
+            try:
+                if (await state.totals()).plan_done:
+                    return
+                if await state.take_planner(token, PLANNER_TTL):
+                    try:
+                        await self._plan(state, token)
+                    finally:
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                            await state.release_planner(token)
+                    retrying.succeeded("planner")
+                    continue
+            except TRANSIENT as exc:
+                await retrying.failed("planner", exc)
+                self._give_up_after(retrying, exc)
+                continue
+            await anyio.sleep(PLANNER_TTL / 3)
+
+    async def _plan(self, state: RunState, token: str) -> None:
+        """Run the planner under the lock; stop planning at once when the lock is lost."""
+        async with anyio.create_task_group() as tg:
+
+            async def keep_lock() -> None:
+                while True:
+                    await anyio.sleep(PLANNER_TTL / 3)
+                    with contextlib.suppress(*TRANSIENT):
+                        if not await state.renew_planner(token, PLANNER_TTL):
+                            self._log.warning("restore.planner_lock_lost")
+                            tg.cancel_scope.cancel()
+                            return
+
+            tg.start_soon(keep_lock)
+            await Planner(self.cfg, self.storage, state, self._log).run()
+            tg.cancel_scope.cancel()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _read(self, state: RunState, send: MemoryObjectSendStream[list[Entry]]) -> None:
+        cfg = self.cfg
+        retrying = Retrying(self._log, "restore", "read", cap=cfg.max_backoff)
+        next_claim = anyio.current_time()
+        async with send:
+            while not self._stop_requested:
+                try:
+                    entries: list[Entry] = []
+                    if anyio.current_time() >= next_claim:
+                        entries = await self._claim(state)
+                        next_claim = anyio.current_time() + cfg.claim_idle / 2
+                    if not entries:
+                        with self._stoppable():
+                            entries = await self._xreadgroup(state, MAX_BLOCK_MS)
+                    if not entries and not self._stop_requested and await state.finished():
+                        self._finished = True
+                        return
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc) and not await state.exists():
+                        self._log.info("restore.finished_elsewhere")
+                        return
+                    await retrying.failed("reader", exc)
+                    self._give_up_after(retrying, exc)
+                    continue
+                except TRANSIENT as exc:
+                    await retrying.failed("reader", exc)
+                    self._give_up_after(retrying, exc)
+                    continue
+                retrying.succeeded("reader")
+                if entries:
+                    self._in_hand.update(entry_id for entry_id, _ in entries)
+                    await send.send(entries)
+
+    @contextlib.contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
+            if self._stop_requested:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                self._read_scope = None
+
+    async def _xreadgroup(self, state: RunState, block_ms: int) -> list[Entry]:
+        reply = await state.r.xreadgroup(
+            GROUP,
+            self.cfg.consumer,
+            {self.keys.stream: ">"},
+            count=self.cfg.batch_size,
+            block=block_ms,
+        )
+        if not reply:
+            return []
+        streams = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
+        return [e for entries in streams for e in _entries(entries)]
+
+    async def _claim(self, state: RunState) -> list[Entry]:
+        """Entries idle for ``claim_idle``: their writer died. One batch at most per call."""
+        cfg = self.cfg
+        _next, claimed, *_ = await state.r.xautoclaim(
+            self.keys.stream,
+            GROUP,
+            cfg.consumer,
+            int(cfg.claim_idle * 1000),
+            "0-0",
+            count=cfg.batch_size,
+        )
+        fresh = [e for e in _entries(claimed) if e[0] not in self._in_hand]
+        if fresh:
+            self.stats.claimed += len(fresh)
+            self._log.info("restore.claimed", entries=len(fresh))
+        return fresh
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _write(
+        self,
+        state: RunState,
+        replayer: Replayer,
+        receive: MemoryObjectReceiveStream[list[Entry]],
+    ) -> None:
+        task = object()
+        async with receive:
+            async for batch in receive:
+                items = [names for _, names in batch]
+                results = await self._until_done(task, functools.partial(replayer.apply, items))
+                acks = [
+                    Ack(entry_id, res.outcome, res.bytes, *_failure(res))
+                    for (entry_id, _), res in zip(batch, results, strict=True)
+                ]
+                await self._until_done(task, functools.partial(state.ack, acks))
+                for res in results:
+                    self.stats.outcomes[res.outcome] += 1
+                    self.stats.bytes += res.bytes
+                self._in_hand.difference_update(entry_id for entry_id, _ in batch)
+
+    async def _until_done(self, task: object, call: Any) -> Any:
+        while True:
+            try:
+                result = await call()
+            except TRANSIENT as exc:
+                await self._retrying.failed(task, exc)
+                self._give_up_after(self._retrying, exc)
+                continue
+            self._retrying.succeeded(task)
+            return result
+
+    def _give_up_after(self, retrying: Retrying, exc: BaseException) -> None:
+        waited = retrying.outage_seconds()
+        if waited >= self.cfg.retry_timeout:
+            raise DependencyError(
+                f"gave up after {waited:.0f} s of failures ({type(exc).__name__}: {exc}); "
+                "run the same command again to resume"
+            ) from exc
+
+    # -- progress ---------------------------------------------------------------------------
+
+    async def _show_progress(self, state: RunState) -> None:
+        progress = self._progress
+        if progress is None:
+            return
+        while True:
+            with contextlib.suppress(*TRANSIENT):
+                t = await state.totals()
+                progress.update(t["done"], t["planned"], listing_done=t.plan_done)
+            await anyio.sleep(progress.interval)
+
+
+async def probe_target(target: Redis, cfg: RestoreConfig) -> tuple[int, float]:
+    """The RDB version the target reads and its clock offset to ours, in ms.
+
+    Dumps and restores a probe key under rrb's own prefix, so a target that is a read-only
+    replica, or an ACL user without ``RESTORE``, is refused before anything is planned.
+    """
+    probe = f"{cfg.own_prefix}restore:probe:{cfg.consumer}"
+    try:
+        before = time.time()
+        seconds, micros = await target.time()
+        after = time.time()
+        offset_ms = (seconds + micros / 1e6 - (before + after) / 2) * 1000
+        await target.set(probe, b"rrb", px=60_000)
+        payload = await target.dump(probe)
+        if payload is None:
+            raise ResponseError("DUMP returned nothing for the probe key")
+        await target.restore(probe, 60_000, payload, replace=True)
+        await target.delete(probe)
+    except ResponseError as exc:
+        raise DependencyError(
+            f"the target Redis at {redact_url(cfg.target_url)} refused a probe write "
+            f"(SET, DUMP, RESTORE, DEL of {probe!r}): {exc}"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        raise DependencyError(
+            f"cannot reach the target Redis at {redact_url(cfg.target_url)}: {exc}"
+        ) from exc
+    return rdb_version(payload), offset_ms
+
+
+async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:
+    """Raise ``ConfigError`` when ``--at`` is asked of a backup that holds no versions."""
+    if cfg.at_us is None:
+        return
+    if not await has_versions(storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy):
+        where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
+        raise ConfigError(
+            f"--at needs a backup made with --versioning, and {where} holds no versions: "
+            "without versions only the latest state can be restored (drop --at)"
+        )
+
+
+def describe(cfg: RestoreConfig) -> str:
+    """What the run restores, in words, kept in the run hash for operators."""
+    parts = [f"{cfg.storage.description}{cfg.path_prefix} -> {redact_url(cfg.target_url)}"]
+    if cfg.at_us is not None:
+        parts.append(f"at {cfg.at_us} us")
+    if cfg.match != "*":
+        parts.append(f"match {cfg.match}")
+    if cfg.db is not None:
+        parts.append(f"db {cfg.db}")
+    if cfg.legacy:
+        parts.append("legacy format")
+    return ", ".join(parts)
+
+
+def _failure(res: Result) -> tuple[str, str]:
+    return (res.name, res.reason) if res.outcome == FAILED else ("", "")
+
+
+def _entries(raw: Iterable[Any]) -> list[Entry]:
+    out: list[Entry] = []
+    for entry_id, fields in raw:
+        if entry_id is None or not fields:
+            continue
+        names = tuple(v.decode() for k, v in sorted(fields.items()) if k in (b"o", b"o2"))
+        out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, names))
+    return out

@@ -1,0 +1,388 @@
+"""A restore run's state in Redis: its identity, its keys, and the atomic steps on them.
+
+A run is named by a digest of everything that decides *what* it restores (storage, prefix,
+target, filters, ``--at``, format), so running the same command again finds the same run,
+and a second process started with it joins it. Its keys, all under rrb's own prefix::
+
+    {own}restore:{run}            the restore stream: one entry per key to restore
+                                  (o: object name, o2: an alternative object, s: bytes)
+    {own}restore:{run}:run        a hash: the planner's cursor and counters, the outcomes
+    {own}restore:{run}:failed     a hash: failed object name -> reason (the first 1,000)
+    {own}restore:{run}:legacy     a hash, --format legacy only: key hash -> its best object
+    {own}restore:{run}:planner    the planner's lock, with a TTL
+
+Every step that must not be half-done is one MULTI/EXEC or one script: a chunk of entries is
+added together with the cursor that says so; an entry is acknowledged together with its
+counters, and counted only when this XACK is the one that acknowledged it, so counters stay
+exact when two writers hold the same entry. A finished run deletes every one of its keys in
+one transaction, and the process whose transaction found them prints the run's totals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from rrb_streams import resp
+from rrb_streams.config import RestoreConfig
+from rrb_streams.connections import url_db
+from rrb_streams.plan import Item
+
+GROUP = "rrb-restore"
+FAILED_NAMES_KEPT = 1000
+
+# Counters of the run hash. ``done`` counts acknowledged entries (every outcome).
+PLAN_COUNTERS = ("planned", "planned_bytes", "listed", "foreign", "absent_planned")
+OUTCOME_COUNTERS = ("restored", "expired", "filtered", "existing", "absent", "failed")
+
+_ACK = """
+local n = 0
+for i = 3, #ARGV, 5 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    n = n + 1
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1)
+    local b = tonumber(ARGV[i + 2])
+    if b > 0 then redis.call('HINCRBY', KEYS[2], 'bytes', b) end
+    if ARGV[i + 3] ~= '' and redis.call('HLEN', KEYS[3]) < tonumber(ARGV[2]) then
+      redis.call('HSET', KEYS[3], ARGV[i + 3], ARGV[i + 4])
+    end
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
+return n
+"""
+
+# Keep, per key hash, the legacy object of the highest rank ("<rank> <size> <name>").
+_OFFER = """
+for i = 4, #ARGV, 3 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if (not cur) or tonumber(string.match(cur, '^%d+')) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
+  end
+end
+redis.call('HSET', KEYS[2], 'cursor', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'listed', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'foreign', ARGV[3])
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def target_identity(url: str) -> str:
+    """The target as a run's identity sees it: host, port and db; never user or password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}?db={url_db(url)}"
+    return f"{(parts.hostname or '').lower()}:{parts.port or 6379}/{url_db(url)}"
+
+
+def run_id(cfg: RestoreConfig) -> str:
+    """16 hex digits naming the run that ``cfg`` describes."""
+    what = {
+        "storage": cfg.storage.description,
+        "prefix": cfg.path_prefix,
+        "target": target_identity(cfg.target_url),
+        "match": cfg.match,
+        "db": cfg.db,
+        "at_us": cfg.at_us,
+        "format": cfg.format,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class RunKeys:
+    """The names of one run's keys."""
+
+    own_prefix: str
+    run: str
+
+    @property
+    def stream(self) -> str:
+        return f"{self.own_prefix}restore:{self.run}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.stream}:run"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.stream}:failed"
+
+    @property
+    def legacy(self) -> str:
+        return f"{self.stream}:legacy"
+
+    @property
+    def planner(self) -> str:
+        return f"{self.stream}:planner"
+
+    def all(self) -> list[str]:
+        return [self.stream, self.meta, self.failed, self.legacy, self.planner]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """One entry to acknowledge, with what became of it."""
+
+    entry_id: str
+    outcome: str
+    bytes: int = 0
+    failed_name: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A run's counters, as the run hash holds them."""
+
+    counters: dict[str, int]
+    plan_done: bool
+    started: float
+    failures: list[tuple[str, str]]
+
+    def __getitem__(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_totals(
+    raw: Mapping[bytes, bytes], failures: Mapping[bytes, bytes] | None = None
+) -> Totals:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    counters = {
+        k: int(v)
+        for k, v in fields.items()
+        if k in (*PLAN_COUNTERS, *OUTCOME_COUNTERS, "done", "bytes")
+    }
+    return Totals(
+        counters=counters,
+        plan_done=fields.get("plan_done") == "1",
+        started=float(fields.get("started", "0") or 0),
+        failures=sorted((_text(k), _text(v)) for k, v in (failures or {}).items()),
+    )
+
+
+class RunState:
+    """The atomic steps on one run's keys, on the Redis that holds the restore stream."""
+
+    def __init__(self, r: Redis, keys: RunKeys) -> None:
+        self.r = r
+        self.keys = keys
+        self._ack = r.register_script(_ACK)
+        self._offer = r.register_script(_OFFER)
+        self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
+
+    async def join(self, description: str) -> bool:
+        """Create the run unless it exists. Returns ``True`` when this joined an existing run.
+
+        A run hash whose stream is gone (deleted by hand) cannot be resumed: entries it
+        planned are lost. It is reset and the run starts over.
+        """
+        k = self.keys
+        replies = await resp.transaction(
+            self.r,
+            [
+                (b"XGROUP", b"CREATE", k.stream.encode(), GROUP.encode(), b"0", b"MKSTREAM"),
+                (b"HSETNX", k.meta.encode(), b"started", f"{time.time():.6f}".encode()),
+                (b"HSETNX", k.meta.encode(), b"what", description.encode()),
+            ],
+        )
+        created_group = not isinstance(replies[0], ResponseError)
+        if isinstance(replies[0], ResponseError) and "BUSYGROUP" not in str(replies[0]):
+            raise replies[0]
+        fresh = replies[1] == 1
+        if created_group and not fresh:
+            await self.r.delete(k.meta, k.failed, k.legacy)
+            await self.r.hset(
+                k.meta, mapping={"started": f"{time.time():.6f}", "what": description}
+            )
+            return False
+        return not fresh
+
+    async def totals(self) -> Totals:
+        raw: dict[bytes, bytes] = await self.r.hgetall(self.keys.meta)  # type: ignore[assignment]
+        return parse_totals(raw)
+
+    async def exists(self) -> bool:
+        return bool(await self.r.exists(self.keys.meta))
+
+    # -- planning ---------------------------------------------------------------------------
+
+    async def add(
+        self, items: Sequence[Item], *, cursor: str | None, done: bool, **counts: int
+    ) -> None:
+        """Add ``items`` to the stream with the plan's cursor and counter deltas, atomically."""
+        commands = self._add_commands(items, cursor=cursor, done=done, counts=counts)
+        if commands:
+            await resp.transaction(self.r, commands)
+
+    def _add_commands(
+        self, items: Sequence[Item], *, cursor: str | None, done: bool, counts: Mapping[str, int]
+    ) -> list[tuple[bytes, ...]]:
+        k = self.keys
+        stream, meta = k.stream.encode(), k.meta.encode()
+        commands: list[tuple[bytes, ...]] = []
+        size = 0
+        for item in items:
+            fields: tuple[bytes, ...] = (b"o", item.names[0].encode())
+            if len(item.names) > 1:
+                fields += (b"o2", item.names[1].encode())
+            commands.append((b"XADD", stream, b"*", *fields, b"s", b"%d" % item.size))
+            size += item.size
+        deltas = {"planned": len(items), "planned_bytes": size, **counts}
+        commands += [(b"HINCRBY", meta, n.encode(), b"%d" % v) for n, v in deltas.items() if v]
+        if cursor is not None:
+            commands.append((b"HSET", meta, b"cursor", cursor.encode()))
+        if done:
+            commands.append((b"HSET", meta, b"plan_done", b"1"))
+        return commands
+
+    async def cursor(self) -> tuple[str | None, str]:
+        """The plan's cursor and its phase (``group`` or ``feed``, legacy only)."""
+        cursor, phase = await self.r.hmget(self.keys.meta, ["cursor", "phase"])
+        return (_text(cursor) if cursor else None), (_text(phase) if phase else "group")
+
+    async def backlog(self) -> int:
+        """Entries in the stream (acknowledged ones until they are trimmed)."""
+        return int(await self.r.xlen(self.keys.stream))
+
+    async def offer(
+        self, offers: Sequence[tuple[str, int, int, str]], *, cursor: str, listed: int, foreign: int
+    ) -> None:
+        """Legacy: keep the best of ``(key_hash, rank, size, name)`` per key, with the cursor."""
+        args: list[Any] = [cursor, listed, foreign]
+        for key_hash, rank, size, name in offers:
+            args += [key_hash, rank, f"{size} {name}"]
+        await self._offer(keys=[self.keys.legacy, self.keys.meta], args=args)
+
+    async def set_phase(self, phase: str) -> None:
+        await self.r.hset(self.keys.meta, "phase", phase)
+
+    async def take_legacy(self, count: int) -> list[tuple[str, Item]]:
+        """Up to ``count`` kept legacy objects, as ``(key_hash, item)``; empty when none left."""
+        cursor = 0
+        while True:
+            reply: Any = await self.r.hscan(self.keys.legacy, cursor, count=count)
+            cursor, fields = reply
+            if fields:
+                out = []
+                for key_hash, value in fields.items():
+                    _rank, size, name = _text(value).split(" ", 2)
+                    out.append((_text(key_hash), Item(_text(key_hash), (name,), int(size))))
+                return out
+            if cursor == 0:
+                return []
+
+    async def add_legacy(self, taken: Sequence[tuple[str, Item]], *, done: bool) -> None:
+        """Move taken legacy objects into the stream, in one transaction with their removal."""
+        commands = self._add_commands(
+            [item for _, item in taken], cursor=None, done=done, counts={}
+        )
+        if taken:
+            commands.append((b"HDEL", self.keys.legacy.encode(), *(h.encode() for h, _ in taken)))
+        await resp.transaction(self.r, commands)
+
+    # -- the planner's lock -----------------------------------------------------------------
+
+    async def take_planner(self, token: str, ttl: float) -> bool:
+        return bool(await self.r.set(self.keys.planner, token, nx=True, px=int(ttl * 1000)))
+
+    async def renew_planner(self, token: str, ttl: float) -> bool:
+        return bool(await self._renew(keys=[self.keys.planner], args=[token, int(ttl * 1000)]))
+
+    async def release_planner(self, token: str) -> None:
+        await self._release(keys=[self.keys.planner], args=[token])
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def ack(self, acks: Sequence[Ack]) -> int:
+        """Acknowledge entries and count their outcomes; returns how many this call acked."""
+        args: list[Any] = [GROUP, FAILED_NAMES_KEPT]
+        for a in acks:
+            args += [a.entry_id, a.outcome, a.bytes, a.failed_name, a.reason]
+        return int(
+            await self._ack(keys=[self.keys.stream, self.keys.meta, self.keys.failed], args=args)
+        )
+
+    async def finished(self) -> bool:
+        """Whether everything was planned, delivered and acknowledged (one snapshot)."""
+        k = self.keys
+        replies = await resp.transaction(
+            self.r,
+            [
+                (b"HGET", k.meta.encode(), b"plan_done"),
+                (b"XPENDING", k.stream.encode(), GROUP.encode()),
+                (b"XINFO", b"STREAM", k.stream.encode()),
+                (b"XINFO", b"GROUPS", k.stream.encode()),
+            ],
+        )
+        plan_done, pending, stream, groups = replies
+        if plan_done != b"1" or any(
+            isinstance(x, ResponseError) for x in (pending, stream, groups)
+        ):
+            return False
+        if int(pending[0]):
+            return False
+        last = _flat(stream).get("last-generated-id")
+        ours = [g for g in (_flat(g) for g in groups) if _text(g.get("name", b"")) == GROUP]
+        return bool(ours) and _text(ours[0].get("last-delivered-id", b"")) == _text(last or b"")
+
+    async def finish(self) -> Totals | None:
+        """Delete the run's keys; its totals, or ``None`` when another process finished it."""
+        k = self.keys
+        replies = await resp.transaction(
+            self.r,
+            [
+                (b"HGETALL", k.meta.encode()),
+                (b"HGETALL", k.failed.encode()),
+                (b"DEL", *(name.encode() for name in k.all())),
+            ],
+        )
+        meta, failed = _pairs(replies[0]), _pairs(replies[1])
+        if not meta:
+            return None
+        return parse_totals(meta, failed)
+
+    async def forget_consumer(self, consumer: str) -> None:
+        """Remove ``consumer`` from the group when nothing is pending on it."""
+        k = self.keys
+        mine = await self.r.xpending_range(k.stream, GROUP, "-", "+", 1, consumername=consumer)
+        if not mine:
+            await self.r.xgroup_delconsumer(k.stream, GROUP, consumer)
+
+
+def _flat(reply: Any) -> dict[str, Any]:
+    """A RESP2 flat ``[name, value, …]`` reply as a dict with text names."""
+    if isinstance(reply, dict):
+        return {_text(k): v for k, v in reply.items()}
+    return {_text(reply[i]): reply[i + 1] for i in range(0, len(reply) - 1, 2)}
+
+
+def _pairs(reply: Any) -> dict[bytes, bytes]:
+    if isinstance(reply, dict):
+        return reply
+    return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
