@@ -125,11 +125,13 @@ async def safe_trim_id(r: Redis, stream: str) -> str | None:
     needed: list[tuple[int, int]] = []
     for g in groups:
         name = g["name"]
+        after_delivered = id_tuple(next_id(g["last-delivered-id"]))
         if g.get("pending", 0):
             summary = await r.xpending(stream, name)
-            needed.append(id_tuple(summary["min"]))
+            # Acked since XINFO: nothing is pending below what the group had been delivered.
+            needed.append(id_tuple(summary["min"]) if summary["min"] else after_delivered)
         else:
-            needed.append(id_tuple(next_id(g["last-delivered-id"])))
+            needed.append(after_delivered)
     ms, seq = min(needed)
     return f"{ms}-{seq}"
 

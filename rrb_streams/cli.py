@@ -524,9 +524,9 @@ def restore(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=50,
+        default=200,
         metavar="N",
-        help="objects per writer batch (default: 50)",
+        help="objects per batch: a writer's unit of work, and what a crash may redo (default: 200)",
     )
     p.add_argument(
         "--claim-idle",

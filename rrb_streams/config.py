@@ -172,9 +172,9 @@ class RestoreConfig(_Masked):
     dry_run: bool = False
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
-    batch_size: int = 50  # stream entries per writer batch
+    batch_size: int = 200  # objects per restore-stream entry: a writer's unit of work
     retry_timeout: float = 60.0  # seconds of continuous failure before giving up
-    max_backlog: int = 100_000  # planned-but-unwritten entries the restore stream may hold
+    max_backlog: int = 100_000  # planned-but-unwritten objects the restore stream may hold
     claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken
     grace: float = 10.0
     max_backoff: float = 5.0

@@ -5,9 +5,10 @@ The listing streams page by page; items go into the stream in chunks, each chunk
 transaction with the cursor that records it (:meth:`RunState.add`), so a planner killed at
 any moment resumes at the chunk after the last one recorded, and adds nothing twice.
 
-The stream is bounded: while it holds ``max_backlog`` entries the planner trims what every
-writer acknowledged and waits, so a restore of millions of keys does not grow the target's
-memory by millions of entries.
+Items go ``batch_size`` to a stream entry. The stream is bounded: while ``max_backlog``
+objects are planned and not yet written the planner waits, and it trims what every writer
+acknowledged as it goes, so a restore of millions of keys does not grow the target's memory
+by millions of names.
 
 :func:`preview` is the same selection without Redis, for ``--dry-run``.
 """
@@ -27,9 +28,10 @@ from rrb_streams.plan import Item, PlanStats, legacy_rank, select
 from rrb_streams.restore_state import RunState
 from rrb_streams.storage.base import Storage
 
-CHUNK = 500  # items per transaction
+CHUNK = 1000  # items per transaction
 FOREIGN_SHOWN = 10  # names of foreign objects logged, per planning pass
 _BACKLOG_POLL = 0.2
+_TRIM_EVERY = 10  # chunks
 
 
 def list_prefix(cfg: RestoreConfig) -> str:
@@ -48,6 +50,7 @@ class Planner:
         self._state = state
         self._log = log
         self._foreign_shown = 0
+        self._flushes = 0
 
     async def run(self) -> None:
         """Plan from the recorded cursor to the end, then mark the plan done.
@@ -71,6 +74,7 @@ class Planner:
             await self._wait_for_room()
             await state.add(
                 chunk,
+                per_entry=cfg.batch_size,
                 cursor=chunk[-1].group if chunk else None,
                 done=done,
                 listed=stats.listed - flushed.listed,
@@ -128,16 +132,19 @@ class Planner:
         while True:
             await self._wait_for_room()
             taken = await state.take_legacy(CHUNK)
-            await state.add_legacy(taken, done=not taken)
+            await state.add_legacy(taken, per_entry=cfg.batch_size, done=not taken)
             if not taken:
                 break
         self._log.info("restore.planned", format="legacy")
 
     async def _wait_for_room(self) -> None:
         state = self._state
+        self._flushes += 1
+        if self._flushes % _TRIM_EVERY == 0:
+            await trim(state.r, state.keys.stream)
         while await state.backlog() >= self._cfg.max_backlog:
-            if not await trim(state.r, state.keys.stream):
-                await anyio.sleep(_BACKLOG_POLL)
+            await trim(state.r, state.keys.stream)
+            await anyio.sleep(_BACKLOG_POLL)
 
     def _foreign(self, name: str) -> None:
         if self._foreign_shown < FOREIGN_SHOWN:

@@ -23,7 +23,7 @@ the whole batch: every write in it is idempotent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,10 +125,12 @@ class Replayer:
 
     async def apply(self, items: Sequence[Sequence[str]]) -> list[Result]:
         """Restore each item (a sequence of candidate object names); one result per item."""
+        names = [name for item in items for name in item]
+        fetched = dict(zip(names, await self._storage.get_many(names), strict=True))
         results: list[Result | None] = []
         writes: list[tuple[int, _Write]] = []
-        for i, names in enumerate(items):
-            outcome = await self._prepare(names)
+        for i, item in enumerate(items):
+            outcome = await self._prepare(item, fetched)
             if isinstance(outcome, _Write):
                 writes.append((i, outcome))
                 results.append(None)
@@ -136,22 +138,23 @@ class Replayer:
                 results.append(outcome)
         for i, result in await self._write(writes):
             results[i] = result
-        assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
     # -- one item ---------------------------------------------------------------------------
 
-    async def _prepare(self, names: Sequence[str]) -> _Write | Result:
+    async def _prepare(
+        self, names: Sequence[str], fetched: Mapping[str, bytes | ObjectNotFound]
+    ) -> _Write | Result:
         cfg = self._cfg
         if not names:
             return self._failed("", "a restore entry without an object name")
         if cfg.legacy:
-            return await self._prepare_legacy(names[0])
+            return self._prepare_legacy(names[0], fetched[names[0]])
         chosen: KeyRecord | None = None
         chosen_name = ""
         for name in names:
             try:
-                rec = await self._fetch(name)
+                rec = await self._decode(name, fetched[name])
             except (ObjectNotFound, CorruptObject) as exc:
                 return self._failed(name, _reason(exc, name))
             if cfg.at_us is not None and rec.read_at_us > cfg.at_us:
@@ -186,9 +189,10 @@ class Replayer:
         db = rec.db if cfg.into_db is None else cfg.into_db
         return _Write(db, command, chosen_name, rec.key, len(rec.payload))
 
-    async def _prepare_legacy(self, name: str) -> _Write | Result:
+    def _prepare_legacy(self, name: str, data: bytes | ObjectNotFound) -> _Write | Result:
         try:
-            data = await self._storage.get(name)
+            if isinstance(data, ObjectNotFound):
+                raise data
             key, value = decode_legacy(data, name)
         except (ObjectNotFound, CorruptObject) as exc:
             return self._failed(name, _reason(exc, name))
@@ -200,8 +204,9 @@ class Replayer:
         assert self._cfg.into_db is not None
         return _Write(self._cfg.into_db, command, name, key, len(value))
 
-    async def _fetch(self, name: str) -> KeyRecord:
-        data = await self._storage.get(name)
+    async def _decode(self, name: str, data: bytes | ObjectNotFound) -> KeyRecord:
+        if isinstance(data, ObjectNotFound):
+            raise data
         if len(data) > _DECODE_IN_THREAD:
             return await anyio.to_thread.run_sync(codec.decode, data, name)
         return codec.decode(data, name)

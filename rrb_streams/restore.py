@@ -9,11 +9,12 @@ A process:
 
    - a **coordinator** that plans the run (:class:`rrb_streams.planner.Planner`) while it
      holds the planner lock, and takes the lock over when the planning process died;
-   - a **reader**: ``XREADGROUP`` of new entries, and every ``claim_idle / 2`` seconds an
-     ``XAUTOCLAIM`` of entries idle for ``claim_idle`` (their writer died). Batches reach the
-     writers through a memory stream without a buffer, so at most ``concurrency + 1`` are
-     in memory;
-   - ``concurrency`` **writers**: :meth:`rrb_streams.replay.Replayer.apply`, then the ack;
+   - a **reader**: ``XREADGROUP`` of new entries (each a batch of keys), and every
+     ``claim_idle / 2`` seconds an ``XAUTOCLAIM`` of entries idle for ``claim_idle`` (their
+     writer died). Entries reach the writers through a memory stream without a buffer, so at
+     most ``concurrency + 1`` batches are in memory;
+   - ``concurrency`` **writers**, each with one entry at a time:
+     :meth:`rrb_streams.replay.Replayer.apply`, then the ack;
    - **progress**, from the run's counters, so it counts every process's work.
 
 A run is finished when the plan is complete and every entry is delivered and acknowledged;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,10 +53,10 @@ from rrb_streams.retrying import Retrying
 from rrb_streams.storage.base import Storage
 
 TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
-MAX_BLOCK_MS = 500
+MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
 PLANNER_TTL = 15.0  # seconds the planner's lock lasts unless renewed
 
-Entry = tuple[str, tuple[str, ...]]  # entry id, candidate object names
+Entry = tuple[str, list[tuple[str, ...]]]  # entry id, each key's candidate object names
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Restorer:
             async with anyio.create_task_group() as background:
                 background.start_soon(self._coordinate, state)
                 background.start_soon(self._show_progress, state)
-                send, receive = anyio.create_memory_object_stream[list[Entry]](0)
+                send, receive = anyio.create_memory_object_stream[Entry](0)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read, state, send)
                     for _ in range(cfg.concurrency):
@@ -233,7 +235,7 @@ class Restorer:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def _read(self, state: RunState, send: MemoryObjectSendStream[list[Entry]]) -> None:
+    async def _read(self, state: RunState, send: MemoryObjectSendStream[Entry]) -> None:
         cfg = self.cfg
         retrying = Retrying(self._log, "restore", "read", cap=cfg.max_backoff)
         next_claim = anyio.current_time()
@@ -262,9 +264,9 @@ class Restorer:
                     self._give_up_after(retrying, exc)
                     continue
                 retrying.succeeded("reader")
-                if entries:
-                    self._in_hand.update(entry_id for entry_id, _ in entries)
-                    await send.send(entries)
+                for entry in entries:
+                    self._in_hand.add(entry[0])
+                    await send.send(entry)
 
     @contextlib.contextmanager
     def _stoppable(self) -> Iterator[None]:
@@ -282,7 +284,7 @@ class Restorer:
             GROUP,
             self.cfg.consumer,
             {self.keys.stream: ">"},
-            count=self.cfg.batch_size,
+            count=1,
             block=block_ms,
         )
         if not reply:
@@ -299,7 +301,7 @@ class Restorer:
             cfg.consumer,
             int(cfg.claim_idle * 1000),
             "0-0",
-            count=cfg.batch_size,
+            count=1,
         )
         fresh = [e for e in _entries(claimed) if e[0] not in self._in_hand]
         if fresh:
@@ -313,22 +315,18 @@ class Restorer:
         self,
         state: RunState,
         replayer: Replayer,
-        receive: MemoryObjectReceiveStream[list[Entry]],
+        receive: MemoryObjectReceiveStream[Entry],
     ) -> None:
         task = object()
         async with receive:
-            async for batch in receive:
-                items = [names for _, names in batch]
+            async for entry_id, items in receive:
                 results = await self._until_done(task, functools.partial(replayer.apply, items))
-                acks = [
-                    Ack(entry_id, res.outcome, res.bytes, *_failure(res))
-                    for (entry_id, _), res in zip(batch, results, strict=True)
-                ]
-                await self._until_done(task, functools.partial(state.ack, acks))
+                ack = _ack(entry_id, results)
+                await self._until_done(task, functools.partial(state.ack, [ack]))
                 for res in results:
                     self.stats.outcomes[res.outcome] += 1
                     self.stats.bytes += res.bytes
-                self._in_hand.difference_update(entry_id for entry_id, _ in batch)
+                self._in_hand.discard(entry_id)
 
     async def _until_done(self, task: object, call: Any) -> Any:
         while True:
@@ -418,15 +416,26 @@ def describe(cfg: RestoreConfig) -> str:
     return ", ".join(parts)
 
 
-def _failure(res: Result) -> tuple[str, str]:
-    return (res.name, res.reason) if res.outcome == FAILED else ("", "")
+def _ack(entry_id: str, results: list[Result]) -> Ack:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for res in results:
+        counts[res.outcome] += 1
+    counts["bytes"] = sum(res.bytes for res in results)
+    counts["done"] = len(results)
+    failures = [(res.name, res.reason) for res in results if res.outcome == FAILED]
+    return Ack(entry_id, counts, failures)
 
 
 def _entries(raw: Iterable[Any]) -> list[Entry]:
+    """Entries of a parsed XREADGROUP / XAUTOCLAIM reply; one whose batch cannot be read
+    becomes a batch of one nameless item, which the writer reports as failed."""
     out: list[Entry] = []
     for entry_id, fields in raw:
         if entry_id is None or not fields:
             continue
-        names = tuple(v.decode() for k, v in sorted(fields.items()) if k in (b"o", b"o2"))
-        out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, names))
+        try:
+            items = [tuple(names) for names in json.loads(fields[b"i"])]
+        except (KeyError, ValueError, TypeError):
+            items = [()]
+        out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, items))
     return out

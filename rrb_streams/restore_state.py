@@ -4,18 +4,21 @@ A run is named by a digest of everything that decides *what* it restores (storag
 target, filters, ``--at``, format), so running the same command again finds the same run,
 and a second process started with it joins it. Its keys, all under rrb's own prefix::
 
-    {own}restore:{run}            the restore stream: one entry per key to restore
-                                  (o: object name, o2: an alternative object, s: bytes)
+    {own}restore:{run}            the restore stream: each entry a batch of keys to restore
+                                  (i: JSON list of each key's candidate object names,
+                                  s: their bytes)
     {own}restore:{run}:run        a hash: the planner's cursor and counters, the outcomes
     {own}restore:{run}:failed     a hash: failed object name -> reason (the first 1,000)
     {own}restore:{run}:legacy     a hash, --format legacy only: key hash -> its best object
     {own}restore:{run}:planner    the planner's lock, with a TTL
 
-Every step that must not be half-done is one MULTI/EXEC or one script: a chunk of entries is
-added together with the cursor that says so; an entry is acknowledged together with its
-counters, and counted only when this XACK is the one that acknowledged it, so counters stay
-exact when two writers hold the same entry. A finished run deletes every one of its keys in
-one transaction, and the process whose transaction found them prints the run's totals.
+An entry holds a batch of keys, so the stream's own costs (XADD, XREADGROUP, XACK) are paid
+once per batch, not per key. Every step that must not be half-done is one MULTI/EXEC or one
+script: a chunk of entries is added together with the cursor that says so; an entry is
+acknowledged together with its counters, and counted only when this XACK is the one that
+acknowledged it, so counters stay exact when two writers hold the same entry. A finished run
+deletes every one of its keys in one transaction, and the process whose transaction found
+them prints the run's totals.
 """
 
 from __future__ import annotations
@@ -43,21 +46,30 @@ FAILED_NAMES_KEPT = 1000
 PLAN_COUNTERS = ("planned", "planned_bytes", "listed", "foreign", "absent_planned")
 OUTCOME_COUNTERS = ("restored", "expired", "filtered", "existing", "absent", "failed")
 
+# ARGV: group, cap of failed names kept, then per entry:
+#   id, n, n pairs (counter, increment), m, m pairs (failed object name, reason)
 _ACK = """
-local n = 0
-for i = 3, #ARGV, 5 do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    n = n + 1
-    redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1)
-    local b = tonumber(ARGV[i + 2])
-    if b > 0 then redis.call('HINCRBY', KEYS[2], 'bytes', b) end
-    if ARGV[i + 3] ~= '' and redis.call('HLEN', KEYS[3]) < tonumber(ARGV[2]) then
-      redis.call('HSET', KEYS[3], ARGV[i + 3], ARGV[i + 4])
+local acked = 0
+local i = 3
+while i <= #ARGV do
+  local ok = redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  for j = 0, n - 1 do
+    if ok then redis.call('HINCRBY', KEYS[2], ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) end
+  end
+  i = i + 2 * n
+  local m = tonumber(ARGV[i])
+  i = i + 1
+  for j = 0, m - 1 do
+    if ok and redis.call('HLEN', KEYS[3]) < tonumber(ARGV[2]) then
+      redis.call('HSET', KEYS[3], ARGV[i + 2 * j], ARGV[i + 2 * j + 1])
     end
   end
+  i = i + 2 * m
+  if ok then acked = acked + 1 end
 end
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
-return n
+return acked
 """
 
 # Keep, per key hash, the legacy object of the highest rank ("<rank> <size> <name>").
@@ -142,13 +154,15 @@ class RunKeys:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """One entry to acknowledge, with what became of it."""
+    """One entry to acknowledge, with what became of its keys.
+
+    ``counts`` are increments of the run's counters (outcomes, ``bytes``, ``done``), and
+    ``failures`` the failed objects with their reasons.
+    """
 
     entry_id: str
-    outcome: str
-    bytes: int = 0
-    failed_name: str = ""
-    reason: str = ""
+    counts: Mapping[str, int]
+    failures: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -233,27 +247,44 @@ class RunState:
     # -- planning ---------------------------------------------------------------------------
 
     async def add(
-        self, items: Sequence[Item], *, cursor: str | None, done: bool, **counts: int
+        self,
+        items: Sequence[Item],
+        *,
+        per_entry: int,
+        cursor: str | None,
+        done: bool,
+        **counts: int,
     ) -> None:
-        """Add ``items`` to the stream with the plan's cursor and counter deltas, atomically."""
-        commands = self._add_commands(items, cursor=cursor, done=done, counts=counts)
+        """Add ``items`` to the stream, ``per_entry`` to an entry, with the plan's cursor and
+        counter deltas, atomically."""
+        commands = self._add_commands(
+            items, per_entry=per_entry, cursor=cursor, done=done, counts=counts
+        )
         if commands:
             await resp.transaction(self.r, commands)
 
     def _add_commands(
-        self, items: Sequence[Item], *, cursor: str | None, done: bool, counts: Mapping[str, int]
+        self,
+        items: Sequence[Item],
+        *,
+        per_entry: int,
+        cursor: str | None,
+        done: bool,
+        counts: Mapping[str, int],
     ) -> list[tuple[bytes, ...]]:
         k = self.keys
         stream, meta = k.stream.encode(), k.meta.encode()
         commands: list[tuple[bytes, ...]] = []
-        size = 0
-        for item in items:
-            fields: tuple[bytes, ...] = (b"o", item.names[0].encode())
-            if len(item.names) > 1:
-                fields += (b"o2", item.names[1].encode())
-            commands.append((b"XADD", stream, b"*", *fields, b"s", b"%d" % item.size))
-            size += item.size
-        deltas = {"planned": len(items), "planned_bytes": size, **counts}
+        for start in range(0, len(items), per_entry):
+            batch = items[start : start + per_entry]
+            names = json.dumps([item.names for item in batch], separators=(",", ":"))
+            size = sum(item.size for item in batch)
+            commands.append((b"XADD", stream, b"*", b"i", names.encode(), b"s", b"%d" % size))
+        deltas = {
+            "planned": len(items),
+            "planned_bytes": sum(item.size for item in items),
+            **counts,
+        }
         commands += [(b"HINCRBY", meta, n.encode(), b"%d" % v) for n, v in deltas.items() if v]
         if cursor is not None:
             commands.append((b"HSET", meta, b"cursor", cursor.encode()))
@@ -267,8 +298,9 @@ class RunState:
         return (_text(cursor) if cursor else None), (_text(phase) if phase else "group")
 
     async def backlog(self) -> int:
-        """Entries in the stream (acknowledged ones until they are trimmed)."""
-        return int(await self.r.xlen(self.keys.stream))
+        """Objects planned and not yet acknowledged."""
+        planned, done = await self.r.hmget(self.keys.meta, ["planned", "done"])
+        return int(planned or 0) - int(done or 0)
 
     async def offer(
         self, offers: Sequence[tuple[str, int, int, str]], *, cursor: str, listed: int, foreign: int
@@ -297,10 +329,12 @@ class RunState:
             if cursor == 0:
                 return []
 
-    async def add_legacy(self, taken: Sequence[tuple[str, Item]], *, done: bool) -> None:
+    async def add_legacy(
+        self, taken: Sequence[tuple[str, Item]], *, per_entry: int, done: bool
+    ) -> None:
         """Move taken legacy objects into the stream, in one transaction with their removal."""
         commands = self._add_commands(
-            [item for _, item in taken], cursor=None, done=done, counts={}
+            [item for _, item in taken], per_entry=per_entry, cursor=None, done=done, counts={}
         )
         if taken:
             commands.append((b"HDEL", self.keys.legacy.encode(), *(h.encode() for h, _ in taken)))
@@ -323,10 +357,15 @@ class RunState:
         """Acknowledge entries and count their outcomes; returns how many this call acked."""
         args: list[Any] = [GROUP, FAILED_NAMES_KEPT]
         for a in acks:
-            args += [a.entry_id, a.outcome, a.bytes, a.failed_name, a.reason]
-        return int(
-            await self._ack(keys=[self.keys.stream, self.keys.meta, self.keys.failed], args=args)
-        )
+            counts = [(k, v) for k, v in a.counts.items() if v]
+            args += [a.entry_id, len(counts)]
+            for k, v in counts:
+                args += [k, v]
+            args.append(len(a.failures))
+            for name, reason in a.failures:
+                args += [name, reason]
+        keys = [self.keys.stream, self.keys.meta, self.keys.failed]
+        return int(await self._ack(keys=keys, args=args))
 
     async def finished(self) -> bool:
         """Whether everything was planned, delivered and acknowledged (one snapshot)."""

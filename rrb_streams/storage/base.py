@@ -9,9 +9,11 @@ Errors are the project's own (:mod:`rrb_streams.errors`), never a library's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from rrb_streams.errors import ObjectNotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,15 @@ class Storage(Protocol):
 
     async def get(self, name: str) -> bytes:
         """Return the object's bytes. Raises ``ObjectNotFound`` naming it when absent."""
+        ...
+
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        """The objects' bytes, in the order of ``names``, fetched one after another.
+
+        An absent object gives its ``ObjectNotFound`` in its place, not raised; any other
+        error raises for the whole call. One request at a time, like :meth:`get`, but cheaper
+        per object where a backend can batch (the filesystem reads them in one thread trip).
+        """
         ...
 
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:

@@ -23,12 +23,12 @@ testable.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal
 
 import anyio
 
-from rrb_streams.errors import ObjectRejected, StorageUnavailable
+from rrb_streams.errors import ObjectNotFound, ObjectRejected, StorageUnavailable
 from rrb_streams.storage.base import ObjectInfo, Storage
 from rrb_streams.storage.memory import MemoryStorage
 
@@ -111,6 +111,11 @@ class FaultyStorage:
     async def get(self, name: str) -> bytes:
         await self._enter("get", name)
         return await self.inner.get(name)
+
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        for name in names:
+            await self._enter("get", name)
+        return await self.inner.get_many(names)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         await self._enter("list", None)

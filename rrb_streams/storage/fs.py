@@ -39,7 +39,7 @@ import secrets
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -57,6 +57,10 @@ from rrb_streams.errors import (
 from rrb_streams.storage.base import ObjectInfo, Storage, check_name
 
 T = TypeVar("T")
+_READ_CHUNK = 1 << 20
+# Small enough to come from the heap (a larger buffer is an mmap and munmap per read), large
+# enough for most objects in one call.
+_FIRST_READ = 1 << 16
 
 _TEMP = re.compile(r"^\..*\.[0-9a-f]{32}\.tmp$", re.DOTALL)
 _REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -342,9 +346,36 @@ class FsStorage:
         check_name(name)
         return await self._run(self._read, name)
 
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        """Read the files in one trip to a worker thread: a trip costs more than a small read."""
+        for name in names:
+            check_name(name)
+        return await self._run(self._read_many, names)
+
+    def _read_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        out: list[bytes | ObjectNotFound] = []
+        for name in names:
+            try:
+                out.append(self._read(name))
+            except ObjectNotFound as exc:
+                out.append(exc)
+        return out
+
     def _read(self, name: str) -> bytes:
         try:
-            return (self.root / name).read_bytes()
+            # os.open/os.read: a third of pathlib's cost per small file, which a restore of
+            # millions of small objects feels.
+            fd = os.open(f"{self._root_text}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                chunk = os.read(fd, _FIRST_READ)
+                if len(chunk) < _FIRST_READ:
+                    return chunk  # a short read of a regular file is its end
+                chunks = [chunk]
+                while chunk := os.read(fd, _READ_CHUNK):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            return b"".join(chunks)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise ObjectNotFound(f"no object named {name!r} in {self.description}") from exc
         except OSError as exc:

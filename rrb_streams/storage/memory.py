@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
@@ -41,6 +41,15 @@ class MemoryStorage:
             return self.objects[name]
         except KeyError:
             raise ObjectNotFound(f"no object named {name!r} in memory://") from None
+
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        out: list[bytes | ObjectNotFound] = []
+        for name in names:
+            try:
+                out.append(await self.get(name))
+            except ObjectNotFound as exc:
+                out.append(exc)
+        return out
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         i = bisect.bisect_left(self._names, prefix)

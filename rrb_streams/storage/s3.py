@@ -20,7 +20,7 @@ any other 4xx                                            ``ObjectRejected``
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -272,6 +272,15 @@ class S3Storage:
             response = await client.get_object(Bucket=self.bucket, Key=self.base + name)
             async with response["Body"] as body:
                 return await body.read()
+
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        out: list[bytes | ObjectNotFound] = []
+        for name in names:
+            try:
+                out.append(await self.get(name))
+            except ObjectNotFound as exc:
+                out.append(exc)
+        return out
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Yield objects under ``base + prefix`` in ascending order, one page in memory."""

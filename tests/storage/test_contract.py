@@ -137,6 +137,21 @@ async def test_get_after_delete_raises_object_not_found(storage: Storage) -> Non
         await storage.get("gone")
 
 
+async def test_get_many_returns_objects_in_order_and_missing_ones_in_place(
+    storage: Storage,
+) -> None:
+    big = os.urandom(200_000)  # longer than one read of the filesystem backend
+    await storage.put("m/b", b"second")
+    await storage.put("m/a", b"first")
+    await storage.put("m/big", big)
+    await storage.put("m/empty", b"")
+    got = await storage.get_many(["m/b", "m/missing", "m/a", "m/big", "m/empty"])
+    assert got[0] == b"second"
+    assert isinstance(got[1], ObjectNotFound) and "m/missing" in str(got[1])
+    assert got[2:] == [b"first", big, b""]
+    assert await storage.get_many([]) == []
+
+
 async def test_delete_is_idempotent(storage: Storage) -> None:
     await storage.put("a/b", b"x")
     await storage.put("a/c", b"y")

@@ -346,12 +346,14 @@ async def test_fs_get_of_an_unreadable_object_is_not_not_found(
 ) -> None:
     await storage.put("d/x", b"v")
 
-    def eio(self: Path) -> bytes:
-        raise OSError(errno.EIO, "Input/output error", str(self))
+    def eio(fd: int, size: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(Path, "read_bytes", eio)
+    monkeypatch.setattr(os, "read", eio)
     with pytest.raises(StorageUnavailable, match="'d/x'"):
         await storage.get("d/x")
+    with pytest.raises(StorageUnavailable, match="'d/x'"):
+        await storage.get_many(["d/x"])
 
 
 async def test_fs_refuses_names_escaping_the_root(storage: FsStorage) -> None:
