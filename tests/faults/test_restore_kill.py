@@ -1,0 +1,221 @@
+"""rrb-restore as real processes: kill -9 half-way then resume, two processes on one run,
+and the target going away mid-run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis
+
+from rrb_streams import codec, layout
+from rrb_streams.source import Source
+from rrb_streams.storage.fs import FsStorage
+from tests.dataset import snapshot
+from tests.faults.proc import Command
+from tests.servers import RedisServer, wait_for
+
+KEYS = 12_000
+
+
+@pytest.fixture
+def commands() -> Iterator[list[Command]]:
+    started: list[Command] = []
+    yield started
+    for c in started:
+        c.ensure_stopped()
+
+
+def fill(c: redis.Redis, n: int) -> None:
+    """Keys of every core type, a tenth of them with a TTL."""
+    pipe = c.pipeline(transaction=False)
+    for i in range(n):
+        k = f"k:{i:06d}"
+        kind = i % 5
+        if kind == 0:
+            pipe.set(k, b"v\x00" * (i % 20))
+        elif kind == 1:
+            pipe.hset(k, mapping={"a": i, "b": "x"})
+        elif kind == 2:
+            pipe.rpush(k, *range(i % 7 + 1))
+        elif kind == 3:
+            pipe.sadd(k, *range(i % 5 + 1))
+        else:
+            pipe.zadd(k, {"m": i, "n": -i})
+        if i % 10 == 0:
+            pipe.expire(k, 3600)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+
+
+async def back_up(source: RedisServer, folder: Path) -> None:
+    """Store every key of the source as the uploader would: its latest-state object."""
+    src = Source(source.url())
+    storage = FsStorage(folder)
+    try:
+        await src.check()
+        keys = sorted(source.client().scan_iter(count=1000))
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            for rec in await src.read(0, chunk, ["0-1"] * len(chunk)):
+                assert isinstance(rec, codec.KeyRecord)
+                await storage.put(layout.latest_name("", 0, rec.key), codec.encode(rec))
+        await storage.flush()
+    finally:
+        await src.close()
+        await storage.close()
+
+
+@pytest.fixture
+def backup(redis_factory, tmp_path: Path) -> tuple[RedisServer, Path]:  # type: ignore[no-untyped-def]
+    source = redis_factory()
+    fill(source.client(), KEYS)
+    folder = tmp_path / "store"
+    anyio.run(back_up, source, folder)
+    return source, folder
+
+
+def run_hash(target: RedisServer) -> dict[bytes, bytes]:
+    c = target.client()
+    names = list(c.scan_iter(match="rrb:restore:*:run"))
+    assert len(names) == 1, names
+    return c.hgetall(names[0])  # type: ignore[return-value]
+
+
+def restore_cmd(target: RedisServer, folder: Path, log: Path, *extra: str) -> Command:
+    return Command(
+        "rrb-restore",
+        target.url(),
+        "--storage",
+        str(folder),
+        "--json",
+        "--claim-idle",
+        "1",
+        *extra,
+        log=log,
+    )
+
+
+def summary(cmd: Command) -> dict:  # type: ignore[type-arg]
+    """The --json summary: the last JSON document in the output."""
+    text = cmd.output()
+    return json.loads(text[text.index('{\n  "run"') :])
+
+
+def assert_exact(source: RedisServer, target: RedisServer) -> None:
+    assert snapshot(target.client()) == snapshot(source.client())
+    assert not list(target.client().scan_iter(match="rrb:*")), "run keys left behind"
+
+
+def test_restore_killed_at_30_percent_resumes_complete_and_exact(
+    backup: tuple[RedisServer, Path],
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    commands: list[Command],
+) -> None:
+    source, folder = backup
+    target = redis_factory()
+    # One slow writer, small batches: the kill lands mid-run.
+    first = restore_cmd(target, folder, tmp_path / "first.log", "-c", "1", "--batch-size", "20")
+    commands.append(first.start())
+
+    def progressed() -> bool:
+        try:
+            meta = run_hash(target)
+        except AssertionError:
+            return False
+        return int(meta.get(b"done", 0)) >= 0.3 * KEYS
+
+    wait_for(progressed, timeout=60, interval=0.005)
+    first.kill9()
+    meta = run_hash(target)
+    done_at_kill = int(meta[b"done"])
+    assert done_at_kill < KEYS, "the restore ended before the kill"
+    assert 0 < target.client().dbsize() < KEYS + 10
+
+    second = restore_cmd(target, folder, tmp_path / "second.log")
+    commands.append(second.start())
+    assert second.proc is not None
+    assert second.proc.wait(120) == 0, second.output()
+    result = summary(second)
+    assert result["resumed"] is True
+    assert result["run_totals"]["restored"] == KEYS
+    assert result["run_totals"]["failed"] == 0
+    # Acknowledged batches are not redone: this process restored exactly what was left.
+    assert result["this_process"]["restored"] == KEYS - done_at_kill
+    assert_exact(source, target)
+
+
+def test_two_processes_restore_one_run_together(
+    backup: tuple[RedisServer, Path],
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    commands: list[Command],
+) -> None:
+    source, folder = backup
+    target = redis_factory()
+    procs = [
+        restore_cmd(target, folder, tmp_path / f"p{i}.log", "-c", "1", "--batch-size", "20")
+        for i in range(2)
+    ]
+    commands.extend(p.start() for p in procs)
+    for p in procs:
+        assert p.proc is not None
+        assert p.proc.wait(120) == 0, p.output()
+    results = [summary(p) for p in procs]
+    assert len({r["run"] for r in results}) == 1, "the second process started its own run"
+    mine = [r["this_process"]["restored"] for r in results]
+    assert all(n > 0 for n in mine), f"one process did nothing: {mine}"
+    # Together exactly once each: no batch was taken by both.
+    assert sum(mine) == KEYS
+    finishers = [r for r in results if "run_totals" in r]
+    assert len(finishers) == 1
+    assert finishers[0]["run_totals"]["restored"] == KEYS
+    assert_exact(source, target)
+
+
+def test_target_gone_mid_run_retries_then_stops_and_resumes(
+    backup: tuple[RedisServer, Path],
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    commands: list[Command],
+) -> None:
+    source, folder = backup
+    target = redis_factory("--appendonly", "yes", "--appendfsync", "always")
+    cmd = restore_cmd(
+        target,
+        folder,
+        tmp_path / "outage.log",
+        "-c",
+        "1",
+        "--batch-size",
+        "20",
+        "--retry-timeout",
+        "3",
+    )
+    commands.append(cmd.start())
+    wait_for(lambda: target.client().dbsize() > KEYS * 0.2, timeout=60, interval=0.005)
+    target.stop()
+    started = time.monotonic()
+    assert cmd.proc is not None
+    status = cmd.proc.wait(60)
+    waited = time.monotonic() - started
+    out = cmd.output()
+    assert status == 1, out
+    assert "gave up after" in out and "run the same command again to resume" in out
+    assert "restore.retry" in out, "no retry was logged before giving up"
+    assert waited >= 2.5, f"gave up after {waited:.1f} s, before --retry-timeout"
+
+    target.start()
+    again = restore_cmd(target, folder, tmp_path / "again.log")
+    commands.append(again.start())
+    assert again.proc is not None
+    assert again.proc.wait(120) == 0, again.output()
+    result = summary(again)
+    assert result["resumed"] is True and result["run_totals"]["restored"] == KEYS
+    assert_exact(source, target)
