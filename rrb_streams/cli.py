@@ -582,7 +582,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
             restorer = Restorer(cfg, storage, progress=Progress(tty=tty, log=log))
             _say(
                 [
-                    f"[*] Restoring {cfg.storage.description} '{cfg.path_prefix}' into "
+                    f"[*] Restoring {cfg.storage.description}{cfg.path_prefix} into "
                     f"{redact_url(cfg.target_url)}",
                     f"[*] Run {restorer.run_id}; the same command resumes it or joins it",
                 ],

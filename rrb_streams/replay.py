@@ -16,8 +16,9 @@ For one batch of items, :meth:`Replayer.apply`:
    is then *existing*, or a failure under ``fail``). Legacy objects hold plain strings:
    ``SET``, or ``SET … NX``.
 
-Transient errors (storage unavailable, the target unreachable) raise, and the caller retries
-the whole batch: every write in it is idempotent.
+Transient errors (storage unavailable, the target unreachable, or a reply such as ``OOM`` or
+``READONLY`` that says the target cannot take writes now) raise, and the caller retries the
+whole batch: every write in it is idempotent.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from typing import Any
 
 import anyio.to_thread
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from rrb_streams import codec, resp
 from rrb_streams.codec import KeyRecord
@@ -234,6 +241,9 @@ class Replayer:
         out: list[tuple[int, Result]] = []
         for db, group in by_db.items():
             replies = await resp.pipeline(self.client(db), [w.command for _, w in group])
+            busy = next((r for r in replies if _unavailable(r)), None)
+            if busy is not None:
+                raise busy  # the target cannot take writes now: the caller retries the batch
             out += [
                 (i, self._judge(w, reply)) for (i, w), reply in zip(group, replies, strict=True)
             ]
@@ -243,7 +253,7 @@ class Replayer:
         if isinstance(reply, ResponseError):
             if str(reply).startswith("BUSYKEY"):
                 return self._existing(w)
-            reason = f"key {show_key(w.key)!r}: the target refused it: {reply}"
+            reason = f"key {show_key(w.key)!r}: the target refused it: {_error_text(reply)}"
             if "payload version" in str(reply):
                 reason += " (made by a newer Redis than the target?)"
             return self._failed(w.name, reason)
@@ -257,6 +267,23 @@ class Replayer:
                 w.name, f"key {show_key(w.key)!r} exists in the target (--if-exists fail)"
             )
         return Result(EXISTING, name=w.name)
+
+
+# Replies that say the target cannot take writes at the moment, whatever the key. (LOADING
+# raises a connection error on its own.)
+_UNAVAILABLE = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+
+
+def _unavailable(reply: Any) -> bool:
+    if isinstance(reply, _UNAVAILABLE):
+        return True
+    return isinstance(reply, ResponseError) and str(reply).startswith("BUSY ")  # a script
+
+
+def _error_text(exc: ResponseError) -> str:
+    """The reply as Redis sent it: redis-py strips the code of the errors it knows."""
+    code = getattr(exc, "status_code", None)
+    return f"{code} {exc}" if code else str(exc)
 
 
 def _reason(exc: Exception, name: str) -> str:
