@@ -28,13 +28,16 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aioboto3
 import anyio
 
 from bench.common import command, median, rss_mb
@@ -42,6 +45,8 @@ from bench.common import redis as start_redis
 from rrb_streams import codec, layout, resp
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.s3 import S3Storage
+from tests.servers import free_port
 
 VALUE = b"v" * 64
 S3_CONCURRENCY = 8
@@ -170,12 +175,158 @@ def bench_fs(runs: int, n: int = 50_000) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A moto S3 server in its own process (so it does not share our interpreter's lock)."""
+    port = free_port()
+    log = (workdir / "moto.log").open("wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, endpoint
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+
+
+def s3_env(endpoint: str, bucket: str) -> dict[str, str]:
+    return {
+        "S3_SERVER": endpoint,
+        "S3_ACCESS_KEY": "bench",
+        "S3_SECRET_KEY": "bench-secret",
+        "S3_REGION": "us-east-1",
+        "S3_BUCKET": bucket,
+    }
+
+
+async def raw_gets(endpoint: str, bucket: str, names: list[str], concurrency: int) -> float:
+    """The baseline: ``concurrency`` tasks GETting every object once with aioboto3."""
+    session = aioboto3.Session(
+        aws_access_key_id="bench", aws_secret_access_key="bench-secret", region_name="us-east-1"
+    )
+    async with session.client("s3", endpoint_url=endpoint) as client:
+        queue = iter(names)
+        start = time.perf_counter()
+
+        async def worker() -> None:
+            for name in queue:
+                response = await client.get_object(Bucket=bucket, Key=name)
+                async with response["Body"] as body:
+                    await body.read()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+        return time.perf_counter() - start
+
+
+def bench_s3(runs: int, n: int = 10_000) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="rrb-bench-restore-s3-"))
+    moto, endpoint = start_moto(work)
+    try:
+        records = dataset(work, n)
+        bucket = "rrb-bench"
+        env = s3_env(endpoint, bucket)
+        storage = S3Storage(
+            bucket,
+            endpoint_url=endpoint,
+            access_key=env["S3_ACCESS_KEY"],
+            secret_key=env["S3_SECRET_KEY"],
+            region="us-east-1",
+        )
+
+        async def setup() -> None:
+            session = aioboto3.Session(
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench-secret",
+                region_name="us-east-1",
+            )
+            async with session.client("s3", endpoint_url=endpoint) as client:
+                await client.create_bucket(Bucket=bucket)
+            await store(storage, records)
+            await storage.close()
+
+        anyio.run(setup)
+        names = sorted(layout.latest_name("", 0, r.key) for r in records)
+        ours, base = [], []
+        for i in range(runs):
+            base.append(anyio.run(raw_gets, endpoint, bucket, names, S3_CONCURRENCY))
+            target = start_redis(work / f"t{i}")
+            try:
+                seconds, _ = run_restore(
+                    target.url(), f"s3://{bucket}/", "-c", str(S3_CONCURRENCY), env=env
+                )
+                assert target.client().dbsize() == n, "restore incomplete"
+                ours.append(seconds)
+            finally:
+                target.stop()
+        keys_s = n / median(ours)
+        gets_s = n / median(base)
+        return {
+            "keys": n,
+            "concurrency": S3_CONCURRENCY,
+            "restore_seconds": [round(s, 3) for s in ours],
+            "raw_get_seconds": [round(s, 3) for s in base],
+            "keys_per_second": round(keys_s),
+            "raw_gets_per_second": round(gets_s),
+            "ratio_to_raw_gets": round(keys_s / gets_s, 3),
+            "target_ratio": 0.7,
+            "ok": keys_s / gets_s >= 0.7,
+        }
+    finally:
+        moto.kill()
+        moto.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_memory(runs: int, n: int = 200_000) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="rrb-bench-restore-mem-"))
+    try:
+        records = dataset(work, n)
+        folder = work / "store"
+        anyio.run(store, FsStorage(folder), records)
+        del records
+        peaks, seconds = [], []
+        for i in range(runs):
+            target = start_redis(work / f"t{i}")
+            try:
+                took, peak = run_restore(target.url(), str(folder), sample_rss=True)
+                assert target.client().dbsize() == n, "restore incomplete"
+                peaks.append(peak)
+                seconds.append(took)
+            finally:
+                target.stop()
+        return {
+            "keys": n,
+            "peak_rss_mb": [round(p, 1) for p in peaks],
+            "median_peak_rss_mb": round(median(peaks), 1),
+            "restore_seconds": [round(s, 2) for s in seconds],
+            "keys_per_second": round(n / median(seconds)),
+            "target_mb": 200,
+            "ok": median(peaks) < 200,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--only", default="fs,s3,memory")
     args = p.parse_args()
-    benches: dict[str, Callable[[int], dict[str, Any]]] = {"fs": bench_fs}
+    benches: dict[str, Callable[[int], dict[str, Any]]] = {
+        "fs": bench_fs,
+        "s3": bench_s3,
+        "memory": bench_memory,
+    }
     results = {}
     for name in args.only.split(","):
         results[name] = benches[name](args.runs)
