@@ -239,11 +239,15 @@ class Restorer:
         cfg = self.cfg
         retrying = Retrying(self._log, "restore", "read", cap=cfg.max_backoff)
         next_claim = anyio.current_time()
+        history: str | None = "0"  # entries pending on this consumer name from an earlier run
         async with send:
             while not self._stop_requested:
                 try:
                     entries: list[Entry] = []
-                    if anyio.current_time() >= next_claim:
+                    if history is not None:
+                        entries = await self._xreadgroup(state, None, start=history)
+                        history = entries[-1][0] if entries else None
+                    elif anyio.current_time() >= next_claim:
                         entries = await self._claim(state)
                         next_claim = anyio.current_time() + cfg.claim_idle / 2
                     if not entries:
@@ -279,11 +283,13 @@ class Restorer:
             finally:
                 self._read_scope = None
 
-    async def _xreadgroup(self, state: RunState, block_ms: int) -> list[Entry]:
+    async def _xreadgroup(
+        self, state: RunState, block_ms: int | None, *, start: str = ">"
+    ) -> list[Entry]:
         reply = await state.r.xreadgroup(
             GROUP,
             self.cfg.consumer,
-            {self.keys.stream: ">"},
+            {self.keys.stream: start},
             count=1,
             block=block_ms,
         )
@@ -431,10 +437,11 @@ def _entries(raw: Iterable[Any]) -> list[Entry]:
     becomes a batch of one nameless item, which the writer reports as failed."""
     out: list[Entry] = []
     for entry_id, fields in raw:
-        if entry_id is None or not fields:
+        if entry_id is None:
             continue
         try:
-            items = [tuple(names) for names in json.loads(fields[b"i"])]
+            # An entry deleted while pending has no fields: nothing to write, only to ack.
+            items = [tuple(names) for names in json.loads(fields[b"i"])] if fields else []
         except (KeyError, ValueError, TypeError):
             items = [()]
         out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, items))

@@ -1,0 +1,88 @@
+"""The target refusing writes mid-run (out of memory): the batch is retried, never counted as
+failed; past --retry-timeout the process stops, and the same command finishes the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from rrb_streams import codec, layout
+from rrb_streams.config import RestoreConfig
+from rrb_streams.errors import DependencyError
+from rrb_streams.restore import Restorer
+from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.url import StorageSpec
+from tests.servers import RedisServer
+
+KEYS = 3000
+
+
+async def fill_storage(source: RedisServer, storage: FsStorage) -> None:
+    c = source.client()
+    pipe = c.pipeline(transaction=False)
+    for i in range(KEYS):
+        pipe.set(f"key:{i}", b"x" * 100)
+        pipe.dump(f"key:{i}")
+    dumps = pipe.execute()[1::2]
+    for i, payload in enumerate(dumps):
+        key = f"key:{i}".encode()
+        rec = codec.KeyRecord(key, 0, "string", None, 1, "0-1", "7.0.15", payload)
+        await storage.put(layout.latest_name("", 0, key), codec.encode(rec))
+
+
+@pytest.mark.anyio
+async def test_out_of_memory_target_is_retried_then_the_run_resumes(
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    source, target, stream = redis_factory(), redis_factory(), redis_factory()
+    storage = FsStorage(tmp_path / "store")
+    await fill_storage(source, storage)
+    cfg = RestoreConfig(
+        target_url=target.url(),
+        stream_url=stream.url(),
+        storage=StorageSpec(kind="fs", path=tmp_path / "store"),
+        concurrency=1,
+        batch_size=20,
+        retry_timeout=2.0,
+        max_backoff=0.2,
+        consumer="oom-test",
+    ).validate()
+    t = target.client()
+    restorer = Restorer(cfg, storage)
+
+    async def starve_memory() -> None:
+        for _ in range(10_000):
+            if t.dbsize() >= KEYS // 5:
+                break
+            await anyio.sleep(0.005)
+        t.config_set("maxmemory-policy", "noeviction")
+        t.config_set("maxmemory", "1")
+
+    with pytest.raises(BaseException) as raised:  # the task group wraps the error
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(starve_memory)
+            await restorer.run()
+    error = raised.value
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, DependencyError), repr(raised.value)
+    assert "gave up after" in str(error) and "maxmemory" in str(error)
+    assert 0 < t.dbsize() < KEYS
+    meta = next(iter(stream.client().scan_iter(match="rrb:restore:*:run")))
+    assert int(stream.client().hget(meta, "failed") or 0) == 0, "a refused write was failed"
+
+    t.config_set("maxmemory", "0")
+    again = Restorer(cfg, storage)
+    with anyio.fail_after(60):
+        await again.run()
+    report = again.report
+    assert report is not None and report.finished and report.resumed
+    assert report.totals is not None
+    assert report.totals["restored"] == KEYS and report.totals["failed"] == 0
+    assert t.dbsize() == KEYS
+    assert {t.get(f"key:{i}") for i in range(KEYS)} == {b"x" * 100}
+    assert not list(stream.client().scan_iter(match="rrb:*"))
+    await storage.close()
