@@ -219,3 +219,34 @@ def test_target_gone_mid_run_retries_then_stops_and_resumes(
     result = summary(again)
     assert result["resumed"] is True and result["run_totals"]["restored"] == KEYS
     assert_exact(source, target)
+
+
+def test_sigterm_finishes_batches_in_hand_and_the_run_resumes(
+    backup: tuple[RedisServer, Path],
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    commands: list[Command],
+) -> None:
+    source, folder = backup
+    target = redis_factory()
+    first = restore_cmd(target, folder, tmp_path / "first.log", "-c", "2", "--batch-size", "20")
+    commands.append(first.start())
+    wait_for(lambda: target.client().dbsize() > KEYS * 0.2, timeout=60, interval=0.005)
+    assert first.terminate() == 1, first.output()
+    stopped = summary(first)
+    assert stopped["finished"] is False
+    assert "Run the same command again" not in first.output()  # --json prints data only
+    meta = run_hash(target)
+    done = int(meta[b"done"])
+    # Everything taken was written and acknowledged: nothing is pending.
+    pending = target.client().xpending(f"rrb:restore:{stopped['run']}", "rrb-restore")
+    assert pending["pending"] == 0
+    assert done == stopped["this_process"]["restored"]
+
+    second = restore_cmd(target, folder, tmp_path / "second.log")
+    commands.append(second.start())
+    assert second.proc is not None
+    assert second.proc.wait(120) == 0, second.output()
+    result = summary(second)
+    assert result["this_process"]["restored"] == KEYS - done
+    assert_exact(source, target)
