@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +49,15 @@ from rrb_streams.plan import has_versions
 from rrb_streams.planner import Planner
 from rrb_streams.progress import Progress
 from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, rdb_version
-from rrb_streams.restore_state import GROUP, Ack, RunKeys, RunState, Totals, run_id
+from rrb_streams.restore_state import (
+    GROUP,
+    Ack,
+    PlannerLockLost,
+    RunKeys,
+    RunState,
+    Totals,
+    run_id,
+)
 from rrb_streams.retrying import Retrying
 from rrb_streams.storage.base import Storage
 
@@ -119,7 +128,8 @@ class Restorer:
         """
         cfg = self.cfg
         r = connect(cfg.effective_stream_url, name="rrb-restore")
-        state = RunState(r, self.keys)
+        # Unique even when two processes were given the same --consumer.
+        state = RunState(r, self.keys, token=f"{cfg.consumer}:{secrets.token_hex(4)}")
         replayer: Replayer | None = None
         try:
             replayer = await self._start(r, state)
@@ -197,41 +207,46 @@ class Restorer:
     async def _coordinate(self, state: RunState) -> None:
         """Plan the run whenever nobody else does, until the plan is complete."""
         retrying = Retrying(self._log, "restore", "plan", cap=self.cfg.max_backoff)
-        token = self.cfg.consumer
         while True:
             try:
                 if (await state.totals()).plan_done:
                     return
-                if await state.take_planner(token, PLANNER_TTL):
+                if await state.take_planner(PLANNER_TTL):
                     try:
-                        await self._plan(state, token)
+                        await self._plan(state)
                     finally:
                         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                            await state.release_planner(token)
+                            await state.release_planner()
                     retrying.succeeded("planner")
                     continue
+            except PlannerLockLost:
+                self._log.warning("restore.planner_lock_lost")
             except TRANSIENT as exc:
                 await retrying.failed("planner", exc)
                 self._give_up_after(retrying, exc)
                 continue
             await anyio.sleep(PLANNER_TTL / 3)
 
-    async def _plan(self, state: RunState, token: str) -> None:
-        """Run the planner under the lock; stop planning at once when the lock is lost."""
+    async def _plan(self, state: RunState) -> None:
+        """Run the planner under the lock, renewing it; stop at once when it is lost."""
+        lost = False
         async with anyio.create_task_group() as tg:
 
             async def keep_lock() -> None:
+                nonlocal lost
                 while True:
                     await anyio.sleep(PLANNER_TTL / 3)
                     with contextlib.suppress(*TRANSIENT):
-                        if not await state.renew_planner(token, PLANNER_TTL):
-                            self._log.warning("restore.planner_lock_lost")
+                        if not await state.renew_planner(PLANNER_TTL):
+                            lost = True
                             tg.cancel_scope.cancel()
                             return
 
             tg.start_soon(keep_lock)
             await Planner(self.cfg, self.storage, state, self._log).run()
             tg.cancel_scope.cancel()
+        if lost:
+            raise PlannerLockLost(f"lost the planner's lock of {self.keys.stream}")
 
     # -- reading ----------------------------------------------------------------------------
 

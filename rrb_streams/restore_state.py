@@ -72,17 +72,33 @@ end
 return acked
 """
 
-# Keep, per key hash, the legacy object of the highest rank ("<rank> <size> <name>").
+# Keep, per key hash, the legacy object of the highest rank ("<rank> <size> <name>"), if
+# the caller still holds the planner's lock.
 _OFFER = """
-for i = 4, #ARGV, 3 do
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+for i = 5, #ARGV, 3 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if (not cur) or tonumber(string.match(cur, '^%d+')) < tonumber(ARGV[i + 1]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
   end
 end
-redis.call('HSET', KEYS[2], 'cursor', ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'listed', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'foreign', ARGV[3])
+redis.call('HSET', KEYS[2], 'cursor', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'listed', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'foreign', ARGV[4])
+return 1
+"""
+
+# Run commands (ARGV: token, then per command its length and its arguments) only if the
+# caller still holds the planner's lock: a planner that lost it must not add a chunk that
+# its successor, resuming from the cursor, adds as well.
+_GUARDED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + 1 + n
+end
 return 1
 """
 
@@ -199,14 +215,25 @@ def parse_totals(
     )
 
 
-class RunState:
-    """The atomic steps on one run's keys, on the Redis that holds the restore stream."""
+class PlannerLockLost(Exception):
+    """The planner's lock ran out and another process may be planning: stop planning."""
 
-    def __init__(self, r: Redis, keys: RunKeys) -> None:
+
+class RunState:
+    """The atomic steps on one run's keys, on the Redis that holds the restore stream.
+
+    The planning steps (:meth:`add`, :meth:`offer`, :meth:`set_phase`, :meth:`add_legacy`)
+    take effect only while ``token`` holds the planner's lock, and raise ``PlannerLockLost``
+    otherwise.
+    """
+
+    def __init__(self, r: Redis, keys: RunKeys, token: str) -> None:
         self.r = r
         self.keys = keys
+        self.token = token
         self._ack = r.register_script(_ACK)
         self._offer = r.register_script(_OFFER)
+        self._guarded_script = r.register_script(_GUARDED)
         self._renew = r.register_script(_RENEW)
         self._release = r.register_script(_RELEASE)
 
@@ -260,8 +287,18 @@ class RunState:
         commands = self._add_commands(
             items, per_entry=per_entry, cursor=cursor, done=done, counts=counts
         )
-        if commands:
-            await resp.transaction(self.r, commands)
+        await self._guarded(commands)
+
+    async def _guarded(self, commands: Sequence[tuple[bytes, ...]]) -> None:
+        if not commands:
+            return
+        args: list[Any] = [self.token]
+        for command in commands:
+            args += [len(command), *command]
+        k = self.keys
+        done = await self._guarded_script(keys=[k.planner, k.stream, k.meta, k.legacy], args=args)
+        if not done:
+            raise PlannerLockLost(f"lost the planner's lock of {k.stream}")
 
     def _add_commands(
         self,
@@ -306,13 +343,15 @@ class RunState:
         self, offers: Sequence[tuple[str, int, int, str]], *, cursor: str, listed: int, foreign: int
     ) -> None:
         """Legacy: keep the best of ``(key_hash, rank, size, name)`` per key, with the cursor."""
-        args: list[Any] = [cursor, listed, foreign]
+        args: list[Any] = [self.token, cursor, listed, foreign]
         for key_hash, rank, size, name in offers:
             args += [key_hash, rank, f"{size} {name}"]
-        await self._offer(keys=[self.keys.legacy, self.keys.meta], args=args)
+        k = self.keys
+        if not await self._offer(keys=[k.legacy, k.meta, k.planner], args=args):
+            raise PlannerLockLost(f"lost the planner's lock of {k.stream}")
 
     async def set_phase(self, phase: str) -> None:
-        await self.r.hset(self.keys.meta, "phase", phase)
+        await self._guarded([(b"HSET", self.keys.meta.encode(), b"phase", phase.encode())])
 
     async def take_legacy(self, count: int) -> list[tuple[str, Item]]:
         """Up to ``count`` kept legacy objects, as ``(key_hash, item)``; empty when none left."""
@@ -338,18 +377,19 @@ class RunState:
         )
         if taken:
             commands.append((b"HDEL", self.keys.legacy.encode(), *(h.encode() for h, _ in taken)))
-        await resp.transaction(self.r, commands)
+        await self._guarded(commands)
 
     # -- the planner's lock -----------------------------------------------------------------
 
-    async def take_planner(self, token: str, ttl: float) -> bool:
-        return bool(await self.r.set(self.keys.planner, token, nx=True, px=int(ttl * 1000)))
+    async def take_planner(self, ttl: float) -> bool:
+        return bool(await self.r.set(self.keys.planner, self.token, nx=True, px=int(ttl * 1000)))
 
-    async def renew_planner(self, token: str, ttl: float) -> bool:
-        return bool(await self._renew(keys=[self.keys.planner], args=[token, int(ttl * 1000)]))
+    async def renew_planner(self, ttl: float) -> bool:
+        args: list[Any] = [self.token, int(ttl * 1000)]
+        return bool(await self._renew(keys=[self.keys.planner], args=args))
 
-    async def release_planner(self, token: str) -> None:
-        await self._release(keys=[self.keys.planner], args=[token])
+    async def release_planner(self) -> None:
+        await self._release(keys=[self.keys.planner], args=[self.token])
 
     # -- writing ----------------------------------------------------------------------------
 
