@@ -84,22 +84,29 @@ async def select(
     without counting. ``on_foreign`` is called with each name that is not one of ours.
     """
     current: _Key | None = None
+    # On a resumed pass, names up to the first key past the cursor were counted already.
+    past_cursor = after is None
     async for info in listing:
         parsed = parse_name(info.name, prefix)
         if parsed is None:
-            stats.listed += 1
-            stats.foreign += 1
-            if on_foreign is not None:
-                on_foreign(info.name)
+            if past_cursor:
+                stats.listed += 1
+                stats.foreign += 1
+                if on_foreign is not None:
+                    on_foreign(info.name)
             continue
         group = _group(prefix, parsed.db, parsed.key_hash)
-        if after is not None and group <= after:
-            continue
-        stats.listed += 1
+        if not past_cursor:
+            if after is not None and group <= after:
+                continue
+            past_cursor = True
         if current is None or current.group != group:
+            # Yield before counting this object: the caller records the counts with the
+            # item as its cursor, and this object belongs after it.
             if current is not None and (item := _finish(current, stats)) is not None:
                 yield item
             current = _Key(group)
+        stats.listed += 1
         if parsed.read_at_us is None:
             current.latest = info
             continue

@@ -44,7 +44,8 @@ from rrb_streams.config import RestoreConfig
 from rrb_streams.connections import connect
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.keyglob import compile_glob
-from rrb_streams.legacy import decode_legacy
+from rrb_streams.layout import key_hash
+from rrb_streams.legacy import decode_legacy, parse_legacy_name
 from rrb_streams.storage.base import Storage
 
 RESTORED = "restored"
@@ -201,6 +202,10 @@ class Replayer:
             if isinstance(data, ObjectNotFound):
                 raise data
             key, value = decode_legacy(data, name)
+            parsed = parse_legacy_name(name, self._cfg.path_prefix)
+            # The format has no checksum; the name's hash of the key is the one check there is.
+            if parsed is not None and parsed.key_hash != key_hash(key):
+                raise CorruptObject(f"{name}: the key inside does not match the object's name")
         except (ObjectNotFound, CorruptObject) as exc:
             return self._failed(name, _reason(exc, name))
         if not self._wanted(key, None):

@@ -36,6 +36,10 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _keys(n: int) -> str:
+    return f"{n:,} key" if n == 1 else f"{n:,} keys"
+
+
 def summary_data(report: Report) -> dict[str, Any]:
     """The summary as data (``--json``): the run's totals when this process finished it."""
     s = report.stats
@@ -73,7 +77,7 @@ def render_summary(report: Report) -> str:
     totals = d.get("run_totals")
     if totals is not None:
         lines.append(
-            f"Restore finished: {totals['restored']:,} keys restored ({_size(totals['bytes'])})"
+            f"Restore finished: {_keys(totals['restored'])} restored ({_size(totals['bytes'])})"
         )
         counts = totals
     elif report.finished:
@@ -81,7 +85,7 @@ def render_summary(report: Report) -> str:
         counts = mine
     else:
         lines.append(
-            f"Restore stopped before the end; this process restored {mine['restored']:,} keys. "
+            f"Restore stopped before the end; this process restored {_keys(mine['restored'])}. "
             "Run the same command again to resume."
         )
         counts = mine
@@ -96,7 +100,7 @@ def render_summary(report: Report) -> str:
     if totals is not None and totals["foreign_objects"]:
         lines.append(f"  ignored: {totals['foreign_objects']:,} objects that are not rrb objects")
     lines.append(
-        f"  this process: {mine['restored']:,} keys in {mine['seconds']:.1f} s, "
+        f"  this process: {_keys(mine['restored'])} in {mine['seconds']:.1f} s, "
         f"{mine['keys_per_second']:,} keys/s"
         + (f" (resumed run {report.run})" if report.resumed else "")
     )

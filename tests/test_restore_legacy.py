@@ -195,6 +195,9 @@ async def test_a_damaged_legacy_object_is_failed_and_named(
         garbage = b.write(b"garbage", b"", BASE + 1)
         b.objects[garbage] = b"\x89PNG\r\n\x1a\n not a backup at all"
         b.objects[PREFIX + "notes.txt"] = b"not an object of either format"
+        # A bit flipped in the key: the body parses, but the key is not the name's.
+        flipped = b.write(b"flip", b"value", BASE)
+        b.objects[flipped] = encode_legacy(b"flop", b"value")
         await b.store(storage)
         with target.client() as t:
             t.set(b"cut", b"the target's value")
@@ -204,15 +207,17 @@ async def test_a_damaged_legacy_object_is_failed_and_named(
 
         assert report.totals is not None
         tot = report.totals
-        assert (tot["restored"], tot["failed"], tot["foreign"]) == (20, 2, 1)
+        assert (tot["restored"], tot["failed"], tot["foreign"]) == (20, 3, 1)
         reasons = dict(tot.failures)
-        assert set(reasons) == {cut, garbage}
+        assert set(reasons) == {cut, garbage, flipped}
+        assert reasons[flipped] == f"{flipped}: the key inside does not match the object's name"
         assert reasons[cut] == f"{cut}: header says 3+24 bytes follow, object has 23"
         assert reasons[garbage].startswith(f"{garbage}: not a legacy object")
         assert exit_status(report) == 3
         with target.client() as t:
             assert t.get(b"cut") == b"the target's value"
             assert t.exists(b"garbage") == 0
+            assert t.exists(b"flip") == t.exists(b"flop") == 0
             assert {k for _, k in snapshot(t)} == {b"cut"} | {b"good:%d" % i for i in range(20)}
             assert own_keys(t) == {}
     finally:
