@@ -31,7 +31,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from rrb_streams.restore_state import (
     run_id,
 )
 from rrb_streams.retrying import Retrying
+from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
 
 TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
@@ -113,8 +114,7 @@ class Restorer:
         self.resumed = False
         self._progress = progress
         self._log = get_logger("restore", run=self.run_id, consumer=cfg.consumer)
-        self._stop_requested = False
-        self._read_scope: anyio.CancelScope | None = None
+        self._stopping = StopRequest()
         self._in_hand: set[str] = set()
         self._finished = False
         self._retrying = Retrying(self._log, "restore", "write", cap=cfg.max_backoff)
@@ -157,9 +157,7 @@ class Restorer:
 
     def stop(self) -> None:
         """Stop reading; the writers finish and acknowledge their batches, and run returns."""
-        self._stop_requested = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        self._stopping.stop()
 
     # -- start and end ----------------------------------------------------------------------
 
@@ -254,21 +252,19 @@ class Restorer:
         cfg = self.cfg
         retrying = Retrying(self._log, "restore", "read", cap=cfg.max_backoff)
         next_claim = anyio.current_time()
-        history: str | None = "0"  # entries pending on this consumer name from an earlier run
         async with send:
-            while not self._stop_requested:
+            # Entries pending on this consumer name from an earlier run of it.
+            await self._sweep(state, send)
+            while not self._stopping.requested:
                 try:
                     entries: list[Entry] = []
-                    if history is not None:
-                        entries = await self._xreadgroup(state, None, start=history)
-                        history = entries[-1][0] if entries else None
-                    elif anyio.current_time() >= next_claim:
+                    if anyio.current_time() >= next_claim:
                         entries = await self._claim(state)
                         next_claim = anyio.current_time() + cfg.claim_idle / 2
                     if not entries:
-                        with self._stoppable():
+                        with self._stopping.interruptible():
                             entries = await self._xreadgroup(state, MAX_BLOCK_MS)
-                    if not entries and not self._stop_requested and await state.finished():
+                    if not entries and not self._stopping.requested and await state.finished():
                         self._finished = True
                         return
                 except ResponseError as exc:
@@ -286,17 +282,28 @@ class Restorer:
                 for entry in entries:
                     self._in_hand.add(entry[0])
                     await send.send(entry)
+            # A read that stop() cut short may have been delivered to us all the same: such
+            # entries are pending on this consumer, so take them from its history.
+            await self._sweep(state, send)
 
-    @contextlib.contextmanager
-    def _stoppable(self) -> Iterator[None]:
-        with anyio.CancelScope() as scope:
-            self._read_scope = scope
-            if self._stop_requested:
-                scope.cancel()
-            try:
-                yield
-            finally:
-                self._read_scope = None
+    async def _sweep(self, state: RunState, send: MemoryObjectSendStream[Entry]) -> None:
+        """Hand the writers this consumer's pending entries that are not in hand already."""
+        last = "0"
+        try:
+            while True:
+                # Snapshot first: an entry a writer acks during the read is in the snapshot.
+                known = set(self._in_hand)
+                entries = await self._xreadgroup(state, None, start=last)
+                if not entries:
+                    return
+                last = entries[-1][0]
+                for entry in entries:
+                    if entry[0] not in known:
+                        self._in_hand.add(entry[0])
+                        await send.send(entry)
+        except TRANSIENT as exc:
+            # Left pending: a live writer claims them after --claim-idle.
+            self._log.warning("restore.sweep_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _xreadgroup(
         self, state: RunState, block_ms: int | None, *, start: str = ">"

@@ -7,8 +7,9 @@ A second signal cancels at once.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import anyio
@@ -23,6 +24,35 @@ class Component(Protocol):
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class StopRequest:
+    """A component's stop request, and the waits it cuts short.
+
+    :meth:`stop` sets :attr:`requested` and cancels the wait in progress inside
+    :meth:`interruptible`, if any. Only waits belong there (a blocking read, a backoff), never
+    a send or a write whose loss would matter.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._scope: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        self.requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self.requested:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                self._scope = None
 
 
 async def serve(

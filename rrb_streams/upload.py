@@ -31,8 +31,7 @@ fresh names do not pile up dead consumers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -50,6 +49,7 @@ from rrb_streams.errors import DependencyError
 from rrb_streams.lease import Leases
 from rrb_streams.logs import get_logger
 from rrb_streams.retrying import Retrying
+from rrb_streams.service import StopRequest
 from rrb_streams.source import Source
 from rrb_streams.storage.base import Storage
 
@@ -69,8 +69,7 @@ class Uploader:
         self.stats = UploadStats()
         self._source = Source(cfg.source_url)
         self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
-        self._stop_requested = False
-        self._read_scope: anyio.CancelScope | None = None
+        self._stopping = StopRequest()
         self._in_hand: set[str] = set()  # entries read and not yet acknowledged
 
     # Counters for tests and metrics; see UploadStats.
@@ -142,9 +141,7 @@ class Uploader:
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop reading, finish its in-flight batches and return."""
-        self._stop_requested = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        self._stopping.stop()
 
     async def _start(self, r: Redis) -> None:
         cfg = self.cfg
@@ -174,7 +171,7 @@ class Uploader:
         group_missing = False
         next_claim = anyio.current_time()
         async with send:
-            while not self._stop_requested:
+            while not self._stopping.requested:
                 entries: list[Entry] = []
                 try:
                     if group_missing:
@@ -193,7 +190,7 @@ class Uploader:
                 except TRANSIENT as exc:
                     # The stream or the group was deleted (a FLUSHALL, an operator): recreate.
                     group_missing = isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
-                    with self._stoppable():
+                    with self._stopping.interruptible():
                         await retrying.failed("reader", exc)
                     continue
                 retrying.succeeded("reader")
@@ -214,7 +211,7 @@ class Uploader:
         """
         cfg = self.cfg
         got: list[Entry] = []
-        with self._stoppable():
+        with self._stopping.interruptible():
             got += await self._xreadgroup(r, ">", cfg.batch_size, max(1, int(block * 1000)))
             deadline = anyio.current_time() + cfg.linger
             while got and len(got) < cfg.batch_size:
@@ -224,18 +221,6 @@ class Uploader:
                 await anyio.sleep(min(remaining, cfg.linger / 4))
                 got += await self._xreadgroup(r, ">", cfg.batch_size - len(got), None)
         return got
-
-    @contextlib.contextmanager
-    def _stoppable(self) -> Iterator[None]:
-        """A scope that :meth:`stop` cancels: for the reader's waits, never for its sends."""
-        with anyio.CancelScope() as scope:
-            self._read_scope = scope
-            if self._stop_requested:
-                scope.cancel()
-            try:
-                yield
-            finally:
-                self._read_scope = None
 
     async def _xreadgroup(
         self, r: Redis, start: str, count: int, block_ms: int | None
@@ -289,7 +274,7 @@ class Uploader:
                 )
                 self._in_hand.update(entry_id for entry_id, _ in fresh)
                 await send.send(Batch(fresh, redo=True))
-            if _text(start) == "0-0" or self._stop_requested:
+            if _text(start) == "0-0" or self._stopping.requested:
                 return
 
     # -- background ---------------------------------------------------------------------------

@@ -101,3 +101,14 @@ def check_name(name: str) -> str:
     ):
         raise ValueError(f"invalid object name {name!r}")
     return name
+
+
+async def get_each(storage: Storage, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    """:meth:`Storage.get_many` for a backend with nothing to batch: one ``get`` at a time."""
+    out: list[bytes | ObjectNotFound] = []
+    for name in names:
+        try:
+            out.append(await storage.get(name))
+        except ObjectNotFound as exc:
+            out.append(exc)
+    return out

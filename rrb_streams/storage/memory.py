@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 
 from rrb_streams.errors import ObjectNotFound
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name
+from rrb_streams.storage.base import ObjectInfo, Storage, check_name, get_each
 
 
 class MemoryStorage:
@@ -43,13 +43,7 @@ class MemoryStorage:
             raise ObjectNotFound(f"no object named {name!r} in memory://") from None
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
-        out: list[bytes | ObjectNotFound] = []
-        for name in names:
-            try:
-                out.append(await self.get(name))
-            except ObjectNotFound as exc:
-                out.append(exc)
-        return out
+        return await get_each(self, names)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         i = bisect.bisect_left(self._names, prefix)

@@ -43,7 +43,7 @@ from rrb_streams.errors import (
     StorageUnavailable,
 )
 from rrb_streams.logs import get_logger
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name
+from rrb_streams.storage.base import ObjectInfo, Storage, check_name, get_each
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -274,13 +274,7 @@ class S3Storage:
                 return await body.read()
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
-        out: list[bytes | ObjectNotFound] = []
-        for name in names:
-            try:
-                out.append(await self.get(name))
-            except ObjectNotFound as exc:
-                out.append(exc)
-        return out
+        return await get_each(self, names)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Yield objects under ``base + prefix`` in ascending order, one page in memory."""
