@@ -49,7 +49,7 @@ class Progress:
         while self._samples and now - self._samples[0][0] > WINDOW:
             self._samples.popleft()
         rate = self.rate()
-        left = (total - done) / rate if listing_done and rate > 0 else None
+        left = (total - done) / rate if listing_done and rate > 0 and done < total else None
         if self.tty:
             self._draw(done, total, rate, left, listing_done)
         else:

@@ -192,9 +192,11 @@ class Restorer:
             if self._finished:
                 totals = await state.finish()
                 if totals is not None:
+                    self._show(totals)
                     self._log.info("restore.finished", **totals.counters)
                 return totals
             if await state.exists():
+                self._show(await state.totals())
                 await state.forget_consumer(self.cfg.consumer)
         except TRANSIENT as exc:
             self._log.warning("restore.end_failed", error=f"{type(exc).__name__}: {exc}")
@@ -376,6 +378,11 @@ class Restorer:
             ) from exc
 
     # -- progress ---------------------------------------------------------------------------
+
+    def _show(self, totals: Totals) -> None:
+        """The progress as it ends, so the last line shown is the last state."""
+        if self._progress is not None:
+            self._progress.update(totals["done"], totals["planned"], listing_done=totals.plan_done)
 
     async def _show_progress(self, state: RunState) -> None:
         progress = self._progress
