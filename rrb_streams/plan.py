@@ -62,7 +62,6 @@ class _Key:
     latest: ObjectInfo | None = None
     best: ObjectInfo | None = None  # the chosen version
     best_tombstone: bool = False
-    newer_versions: bool = False  # versions read after --at exist
 
 
 def _group(prefix: str, db: int, key_hash: str) -> str:
@@ -112,7 +111,6 @@ async def select(
             continue
         stats.versions += 1
         if at_us is not None and parsed.read_at_us > at_us:
-            current.newer_versions = True
             continue
         current.best, current.best_tombstone = info, parsed.tombstone
     if current is not None and (item := _finish(current, stats)) is not None:

@@ -271,7 +271,9 @@ class Restorer:
                         return
                 except ResponseError as exc:
                     if "NOGROUP" in str(exc) and not await state.exists():
+                        # Another process saw the run finish and deleted its keys.
                         self._log.info("restore.finished_elsewhere")
+                        self._finished = True
                         return
                     await retrying.failed("reader", exc)
                     self._give_up_after(retrying, exc)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 
 from rrb_streams import codec, layout
 from rrb_streams.config import RestoreConfig
 from rrb_streams.errors import DependencyError
+from rrb_streams.plan import Item
 from rrb_streams.restore import Restorer
+from rrb_streams.restore_state import GROUP, RunState
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.url import StorageSpec
 from tests.servers import RedisServer
@@ -85,4 +88,42 @@ async def test_out_of_memory_target_is_retried_then_the_run_resumes(
     assert t.dbsize() == KEYS
     assert {t.get(f"key:{i}") for i in range(KEYS)} == {b"x" * 100}
     assert not list(stream.client().scan_iter(match="rrb:*"))
+    await storage.close()
+
+
+@pytest.mark.anyio
+async def test_a_run_finished_by_another_process_ends_this_one_as_finished(
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    target = redis_factory()
+    storage = FsStorage(tmp_path / "store")
+    cfg = RestoreConfig(
+        target_url=target.url(),
+        storage=StorageSpec(kind="fs", path=tmp_path / "store"),
+        claim_idle=60.0,  # the other process's batch is never ours to take
+        consumer="late-joiner",
+    ).validate()
+    restorer = Restorer(cfg, storage)
+    r = Redis.from_url(target.url())
+    # The other process: it planned everything and holds the last batch.
+    other = RunState(r, restorer.keys, "other")
+    await other.join("test")
+    assert await other.take_planner(30)
+    await other.add([Item("g", ("db0/aa/x.backup",), 1)], per_entry=10, cursor="g", done=True)
+    await r.xreadgroup(GROUP, "other", {restorer.keys.stream: ">"}, count=1)
+
+    async def finish_elsewhere() -> None:
+        await anyio.sleep(0.5)  # this process is waiting for the batch by now
+        await r.delete(*restorer.keys.all())
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(finish_elsewhere)
+            await restorer.run()
+    report = restorer.report
+    assert report is not None and report.finished and report.totals is None
+    assert report.stats.outcomes["restored"] == 0
+    assert await r.keys("rrb:*") == []
+    await r.aclose()
     await storage.close()
