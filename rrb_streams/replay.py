@@ -258,7 +258,7 @@ class Replayer:
         if isinstance(reply, ResponseError):
             if str(reply).startswith("BUSYKEY"):
                 return self._existing(w)
-            reason = f"key {show_key(w.key)!r}: the target refused it: {_error_text(reply)}"
+            reason = f"key {show_key(w.key)!r}: the target refused it: {error_text(reply)}"
             if "payload version" in str(reply):
                 reason += " (made by a newer Redis than the target?)"
             return self._failed(w.name, reason)
@@ -285,7 +285,7 @@ def _unavailable(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("BUSY ")  # a script
 
 
-def _error_text(exc: ResponseError) -> str:
+def error_text(exc: ResponseError) -> str:
     """The reply as Redis sent it: redis-py strips the code of the errors it knows."""
     code = getattr(exc, "status_code", None)
     return f"{code} {exc}" if code else str(exc)

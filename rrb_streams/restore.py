@@ -48,7 +48,7 @@ from rrb_streams.logs import get_logger
 from rrb_streams.plan import has_versions
 from rrb_streams.planner import Planner
 from rrb_streams.progress import Progress
-from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, rdb_version
+from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
 from rrb_streams.restore_state import (
     GROUP,
     Ack,
@@ -416,9 +416,11 @@ async def probe_target(target: Redis, cfg: RestoreConfig) -> tuple[int, float]:
         await target.restore(probe, 60_000, payload, replace=True)
         await target.delete(probe)
     except ResponseError as exc:
+        with contextlib.suppress(RedisError, OSError):
+            await target.delete(probe)  # a refused RESTORE leaves the SET's key
         raise DependencyError(
             f"the target Redis at {redact_url(cfg.target_url)} refused a probe write "
-            f"(SET, DUMP, RESTORE, DEL of {probe!r}): {exc}"
+            f"(SET, DUMP, RESTORE, DEL of {probe!r}): {error_text(exc)}"
         ) from exc
     except (RedisError, OSError) as exc:
         raise DependencyError(

@@ -127,3 +127,40 @@ async def test_a_run_finished_by_another_process_ends_this_one_as_finished(
     assert await r.keys("rrb:*") == []
     await r.aclose()
     await storage.close()
+
+
+RESTORE_ACL = (
+    "on >restore-pw ~* &* +@read +@write +@stream +@hash +@scripting +@transaction "
+    "+@connection -@dangerous +restore +time"
+)
+
+
+@pytest.mark.anyio
+async def test_restore_as_an_acl_user_with_the_documented_rights(
+    redis_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    source, target = redis_factory(), redis_factory()
+    storage = FsStorage(tmp_path / "store")
+    await fill_storage(source, storage)
+    t = target.client()
+    t.execute_command("ACL", "SETUSER", "restorer", *RESTORE_ACL.split())
+    t.execute_command("ACL", "SETUSER", "no-restore", *RESTORE_ACL.split(), "-restore")
+    spec = StorageSpec(kind="fs", path=tmp_path / "store")
+    url = f"redis://restorer:restore-pw@127.0.0.1:{target.port}/0"
+    refused = RestoreConfig(
+        target_url=url.replace("restorer:", "no-restore:"), storage=spec
+    ).validate()
+    with pytest.raises(DependencyError, match="refused a probe write") as raised:
+        await Restorer(refused, storage).run()
+    assert "restore-pw" not in str(raised.value)
+    assert t.dbsize() == 0
+
+    restorer = Restorer(RestoreConfig(target_url=url, storage=spec).validate(), storage)
+    with anyio.fail_after(60):
+        await restorer.run()
+    report = restorer.report
+    assert report is not None and report.totals is not None
+    assert report.totals["restored"] == KEYS and report.totals["failed"] == 0
+    assert t.dbsize() == KEYS
+    await storage.close()
