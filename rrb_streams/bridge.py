@@ -114,12 +114,14 @@ class Bridge:
         ``task_status.started()`` once subscribed, before the startup rescan finishes.
         """
         cfg = self._cfg
-        self._source = source = connect(cfg.source_url, name="rrb-bridge")
+        self._source = source = connect(cfg.source_url, name="rrb-bridge", tls=cfg.tls)
         self._clients[self._db] = source
         self._stream = (
-            source if cfg.stream_url is None else connect(cfg.stream_url, name="rrb-bridge")
+            source
+            if cfg.stream_url is None
+            else connect(cfg.stream_url, name="rrb-bridge", tls=cfg.tls)
         )
-        subscriber = connect(cfg.source_url, name="rrb-bridge-sub")
+        subscriber = connect(cfg.source_url, name="rrb-bridge-sub", tls=cfg.tls)
         try:
             await self._prepare(source, self._stream)
             send, receive = anyio.create_memory_object_stream[Change](cfg.batch_size)
@@ -258,7 +260,9 @@ class Bridge:
 
     def _client(self, db: int) -> Redis:
         if db not in self._clients:
-            self._clients[db] = connect(self._cfg.source_url, db=db, name="rrb-bridge")
+            self._clients[db] = connect(
+                self._cfg.source_url, db=db, name="rrb-bridge", tls=self._cfg.tls
+            )
         return self._clients[db]
 
     # -- restarts ----------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from rrb_streams.config import (
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, RrbError
 from rrb_streams.logs import configure, get_logger
-from rrb_streams.storage.url import StorageSpec, open_storage, parse_storage_url
+from rrb_streams.storage.url import (
+    SSE_MODES,
+    StorageSpec,
+    open_storage,
+    parse_storage_url,
+    with_sse,
+)
+from rrb_streams.tls import TlsOptions
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 
@@ -48,6 +55,49 @@ def _parser(prog: str, description: str, url_help: str) -> _Parser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def _add_tls_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS (rediss:// URLs)")
+    g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM CA bundle to verify the server with (default: $REDIS_TLS_CA, else the "
+        "system's CAs)",
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM client certificate, for servers that require one (default: $REDIS_TLS_CERT)",
+    )
+    g.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="PEM private key of --tls-cert (default: $REDIS_TLS_KEY, else in --tls-cert)",
+    )
+
+
+def _tls(args: argparse.Namespace) -> TlsOptions:
+    return TlsOptions.from_sources(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _add_sse_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--s3-sse",
+        metavar="MODE",
+        help=f"S3 server-side encryption of written objects: {' or '.join(SSE_MODES)} "
+        "(default: $S3_SSE, else the bucket's default)",
+    )
+    p.add_argument(
+        "--s3-sse-kms-key-id",
+        metavar="ID",
+        help="KMS key for --s3-sse aws:kms (default: $S3_SSE_KMS_KEY_ID, else the bucket's "
+        "aws/s3 key)",
+    )
+
+
+def _writable_storage(args: argparse.Namespace) -> StorageSpec:
+    return with_sse(parse_storage_url(args.storage), args.s3_sse, args.s3_sse_kms_key_id)
 
 
 def _add_stream_options(p: argparse.ArgumentParser) -> None:
@@ -131,6 +181,7 @@ def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> No
         metavar="SECONDS",
         help="on SIGTERM, time to finish and ack in-flight work (default: 10)",
     )
+    _add_sse_options(p)
 
 
 def _source_url(args: argparse.Namespace) -> str:
@@ -145,6 +196,7 @@ def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
         all_dbs=args.all_dbs,
         own_prefix=args.own_prefix,
         assume_notifications=args.assume_notifications,
+        tls=_tls(args),
     ).validate()
 
 
@@ -166,6 +218,7 @@ def _upload_config(args: argparse.Namespace, storage: StorageSpec) -> UploadConf
         linger=args.linger,
         max_attempts=args.max_attempts,
         grace=args.grace,
+        tls=_tls(args),
         **extra,
     ).validate()
 
@@ -249,6 +302,7 @@ def bridge(argv: Sequence[str] | None = None) -> int:
     )
     _add_stream_options(p)
     _add_bridge_options(p)
+    _add_tls_options(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet)
     try:
@@ -285,10 +339,11 @@ def upload(argv: Sequence[str] | None = None) -> int:
     )
     _add_stream_options(p)
     _add_upload_options(p, "concurrent storage writes in this process (default: 4)")
+    _add_tls_options(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet)
     try:
-        cfg = _upload_config(args, parse_storage_url(args.storage))
+        cfg = _upload_config(args, _writable_storage(args))
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -328,6 +383,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     _add_stream_options(p)
     _add_bridge_options(p)
     _add_upload_options(p, "upload workers: concurrent storage writes (default: 4)")
+    _add_tls_options(p)
     args = p.parse_args(argv)
     # On a terminal the start-up summary speaks for rrb; routine logs would bury it.
     configure(
@@ -337,7 +393,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     )
     try:
         bridge_cfg = _bridge_config(args)
-        upload_cfg = _upload_config(args, parse_storage_url(args.storage))
+        upload_cfg = _upload_config(args, _writable_storage(args))
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -347,7 +403,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         from rrb_streams.upload import Uploader
 
         lines = [f"[*] Connecting to Redis {redact_url(bridge_cfg.source_url)}..."]
-        r = connect(bridge_cfg.source_url)
+        r = connect(bridge_cfg.source_url, tls=bridge_cfg.tls)
         try:
             await ping(r, bridge_cfg.source_url, "source Redis")
         finally:
@@ -404,11 +460,15 @@ def status(argv: Sequence[str] | None = None) -> int:
         help="prefix of rrb's keys (default: rrb:)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_tls_options(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=True)
     try:
         cfg = StatusConfig(
-            stream_url=_source_url(args), own_prefix=args.own_prefix, as_json=args.json
+            stream_url=_source_url(args),
+            own_prefix=args.own_prefix,
+            as_json=args.json,
+            tls=_tls(args),
         ).validate()
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
@@ -416,7 +476,7 @@ def status(argv: Sequence[str] | None = None) -> int:
     async def body() -> None:
         from rrb_streams.status import collect, render
 
-        r = connect(cfg.stream_url, name="rrb-status")
+        r = connect(cfg.stream_url, name="rrb-status", tls=cfg.tls)
         try:
             await ping(r, cfg.stream_url, "stream Redis")
             result = await collect(r, cfg.own)
@@ -450,6 +510,7 @@ def _restore_config(args: argparse.Namespace, storage: StorageSpec) -> RestoreCo
         retry_timeout=args.retry_timeout,
         claim_idle=args.claim_idle,
         grace=args.grace,
+        tls=_tls(args),
         **extra,
     ).validate()
 
@@ -549,6 +610,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="on SIGTERM, time to finish in-flight objects (default: 10)",
     )
+    _add_tls_options(p)
     args = p.parse_args(argv)
     tty = sys.stderr.isatty() and not args.quiet
     configure(debug=args.debug, quiet=args.quiet, default_level="WARNING" if tty else "INFO")

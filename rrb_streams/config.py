@@ -15,6 +15,7 @@ from rrb_streams.connections import redact_url, url_db, validate_url
 from rrb_streams.errors import ConfigError
 from rrb_streams.layout import normalize_prefix
 from rrb_streams.storage.url import StorageSpec
+from rrb_streams.tls import NO_TLS, TlsOptions
 
 
 def default_consumer() -> str:
@@ -56,6 +57,7 @@ class BridgeConfig(_Masked):
     max_backoff: float = 10.0
     # Managed Redis often blocks CONFIG while the parameter group already sets the flags.
     assume_notifications: bool = False  # never read or set notify-keyspace-events
+    tls: TlsOptions = NO_TLS
 
     @property
     def own(self) -> OwnKeys:
@@ -69,6 +71,7 @@ class BridgeConfig(_Masked):
         validate_url(self.source_url, "source Redis URL")
         if self.stream_url:
             validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.source_url, self.stream_url))
         if not self.pattern:
             raise ConfigError("invalid --redis-pattern '': must not be empty")
         if not self.own_prefix:
@@ -101,6 +104,7 @@ class UploadConfig(_Masked):
     grace: float = 10.0  # seconds to finish in-flight work after SIGTERM
     trim_interval: float = 5.0
     max_backoff: float = 30.0
+    tls: TlsOptions = NO_TLS
 
     @property
     def own(self) -> OwnKeys:
@@ -114,6 +118,7 @@ class UploadConfig(_Masked):
         validate_url(self.source_url, "source Redis URL")
         if self.stream_url:
             validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.source_url, self.stream_url))
         object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
         if self.concurrency < 1:
             raise ConfigError(f"invalid --concurrency {self.concurrency}: must be at least 1")
@@ -137,6 +142,7 @@ class StatusConfig(_Masked):
     stream_url: str
     own_prefix: str = DEFAULT_OWN_PREFIX
     as_json: bool = False
+    tls: TlsOptions = NO_TLS
 
     @property
     def own(self) -> OwnKeys:
@@ -144,6 +150,7 @@ class StatusConfig(_Masked):
 
     def validate(self) -> StatusConfig:
         validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.stream_url,))
         return self
 
 
@@ -178,6 +185,7 @@ class RestoreConfig(_Masked):
     claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken
     grace: float = 10.0
     max_backoff: float = 5.0
+    tls: TlsOptions = NO_TLS
 
     @property
     def own(self) -> OwnKeys:
@@ -202,6 +210,7 @@ class RestoreConfig(_Masked):
         validate_url(self.target_url, "target Redis URL")
         if self.stream_url:
             validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.target_url, self.stream_url))
         object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
         if self.concurrency < 1:
             raise ConfigError(f"invalid --concurrency {self.concurrency}: must be at least 1")

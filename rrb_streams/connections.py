@@ -14,6 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from rrb_streams.errors import ConfigError, DependencyError
+from rrb_streams.tls import NO_TLS, TlsOptions
 
 _SCHEMES = ("redis", "rediss", "unix")
 
@@ -61,8 +62,12 @@ def url_db(url: str) -> int:
     return int(text) if text else 0
 
 
-def connect(url: str, *, db: int | None = None, name: str = "rrb") -> Redis:
+def connect(
+    url: str, *, db: int | None = None, name: str = "rrb", tls: TlsOptions = NO_TLS
+) -> Redis:
     """A client for ``url`` (optionally another ``db``). Lazy: nothing connects until used.
+
+    ``tls`` (CA, client certificate) applies when ``url`` is ``rediss://``.
 
     redis-py retries a failed command on a new connection three times, with backoff, so a
     blip does not surface; longer outages surface and our own loops back off.
@@ -74,6 +79,7 @@ def connect(url: str, *, db: int | None = None, name: str = "rrb") -> Redis:
         socket_connect_timeout=5,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        **tls.connection_kwargs(url),
     )
     if db is not None:
         # from_url lets the URL's own database (``/0``) override a ``db`` argument, so a

@@ -123,7 +123,9 @@ class Replayer:
         """The target client for ``db``, created on first use."""
         r = self._clients.get(db)
         if r is None:
-            r = self._clients[db] = connect(self._cfg.target_url, db=db, name="rrb-restore")
+            r = self._clients[db] = connect(
+                self._cfg.target_url, db=db, name="rrb-restore", tls=self._cfg.tls
+            )
         return r
 
     async def close(self) -> None:

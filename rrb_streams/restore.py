@@ -127,7 +127,7 @@ class Restorer:
         ``retry_timeout``.
         """
         cfg = self.cfg
-        r = connect(cfg.effective_stream_url, name="rrb-restore")
+        r = connect(cfg.effective_stream_url, name="rrb-restore", tls=cfg.tls)
         # Unique even when two processes were given the same --consumer.
         state = RunState(r, self.keys, token=f"{cfg.consumer}:{secrets.token_hex(4)}")
         replayer: Replayer | None = None
@@ -163,7 +163,7 @@ class Restorer:
 
     async def _start(self, r: Redis, state: RunState) -> Replayer:
         cfg = self.cfg
-        target = connect(cfg.target_url, name="rrb-restore")
+        target = connect(cfg.target_url, name="rrb-restore", tls=cfg.tls)
         try:
             await ping(target, cfg.target_url, "target Redis")
             rdb, offset_ms = await probe_target(target, cfg)

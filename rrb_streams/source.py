@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 from rrb_streams.codec import KeyRecord
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.resp import transaction
+from rrb_streams.tls import NO_TLS, TlsOptions
 
 _COMMANDS_PER_KEY = 3
 
@@ -42,10 +43,13 @@ class Source:
     :meth:`read` unchanged: they are transient and the caller retries.
     """
 
-    def __init__(self, url: str, *, exact_expiry: bool | None = None) -> None:
+    def __init__(
+        self, url: str, *, exact_expiry: bool | None = None, tls: TlsOptions = NO_TLS
+    ) -> None:
         """``exact_expiry`` forces ``PEXPIRETIME`` (True) or ``PTTL`` (False); ``None`` picks
-        by the source's version in :meth:`check`."""
+        by the source's version in :meth:`check`. ``tls`` applies to a ``rediss://`` URL."""
         self.url = url
+        self._tls = tls
         self._clients: dict[int, Redis] = {}
         self._exact_expiry = exact_expiry
         self.redis_version = ""
@@ -54,7 +58,7 @@ class Source:
         """The client for ``db`` (created on first use, kept until :meth:`close`)."""
         r = self._clients.get(db)
         if r is None:
-            r = self._clients[db] = connect(self.url, db=db, name="rrb-upload")
+            r = self._clients[db] = connect(self.url, db=db, name="rrb-upload", tls=self._tls)
         return r
 
     async def check(self) -> None:

@@ -67,7 +67,7 @@ class Uploader:
         self.cfg = cfg
         self.storage = storage
         self.stats = UploadStats()
-        self._source = Source(cfg.source_url)
+        self._source = Source(cfg.source_url, tls=cfg.tls)
         self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
         self._stopping = StopRequest()
         self._in_hand: set[str] = set()  # entries read and not yet acknowledged
@@ -108,7 +108,7 @@ class Uploader:
         stream Redis cannot be reached; later outages are retried with capped backoff.
         """
         cfg = self.cfg
-        r = connect(cfg.effective_stream_url, name="rrb-upload")
+        r = connect(cfg.effective_stream_url, name="rrb-upload", tls=cfg.tls)
         try:
             await self._start(r)
             processor = BatchProcessor(

@@ -3,7 +3,9 @@
 Only object calls are made: PutObject (and its multipart form), GetObject, ListObjectsV2 and
 DeleteObject. A policy granting ``s3:PutObject``, ``s3:GetObject``, ``s3:DeleteObject``,
 ``s3:ListBucket`` and ``s3:AbortMultipartUpload`` on the bucket is enough. No ACL or bucket
-administration call is ever made, so the bucket must exist.
+administration call is ever made, so the bucket must exist. With ``sse="aws:kms"`` the
+credentials also need ``kms:GenerateDataKey`` (writes) and ``kms:Decrypt`` (reads) on the key;
+``docs/security.md`` has the policy.
 
 botocore's errors are translated here, at the boundary:
 
@@ -92,7 +94,9 @@ class S3Storage:
     ``multipart_threshold`` (values larger than the threshold are sent in parts),
     ``max_connections`` (the HTTP pool; size it to the number of concurrent callers),
     ``max_attempts`` (tries per call, the first included), ``connect_timeout`` and
-    ``read_timeout`` (seconds).
+    ``read_timeout`` (seconds), ``sse`` (``ServerSideEncryption`` of every written object:
+    ``AES256`` or ``aws:kms``) and ``sse_kms_key_id`` (with ``aws:kms``; else the bucket's
+    default key).
 
     One client serves the backend's whole life: it is opened on first use and closed by
     :meth:`close`. Constructing the object opens nothing.
@@ -114,6 +118,8 @@ class S3Storage:
         max_attempts: int = 3,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
     ) -> None:
         if not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be 1 to 1000, not {page_size}")
@@ -126,6 +132,12 @@ class S3Storage:
         self.region = region
         self._access_key = access_key
         self._secret_key = secret_key
+        self.sse = sse
+        self._write_args: dict[str, Any] = {"ContentType": "application/octet-stream"}
+        if sse is not None:
+            self._write_args["ServerSideEncryption"] = sse
+        if sse_kms_key_id is not None:
+            self._write_args["SSEKMSKeyId"] = sse_kms_key_id
         self.page_size = page_size
         self.part_size = part_size
         self.multipart_threshold = part_size if multipart_threshold is None else multipart_threshold
@@ -170,7 +182,7 @@ class S3Storage:
         return (
             f"S3Storage(bucket={self.bucket!r}, base={self.base!r}, "
             f"endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
-            f"credentials={credentials!r})"
+            f"sse={self.sse!r}, credentials={credentials!r})"
         )
 
     async def _get_client(self) -> S3Client:
@@ -224,15 +236,13 @@ class S3Storage:
             await self._put_multipart(client, name, key, data)
             return
         with self._translated(name):
-            await client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream"
-            )
+            await client.put_object(Bucket=self.bucket, Key=key, Body=data, **self._write_args)
 
     async def _put_multipart(self, client: S3Client, name: str, key: str, data: bytes) -> None:
         part_size = max(self.part_size, -(-len(data) // MAX_PARTS))
         with self._translated(name):
             created = await client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+                Bucket=self.bucket, Key=key, **self._write_args
             )
         upload_id = created["UploadId"]
         try:

@@ -10,6 +10,8 @@ plain path             the local filesystem
 For S3 the endpoint comes from ``S3_SERVER``, then ``AWS_ENDPOINT_URL``, then AWS itself, and
 credentials from ``S3_ACCESS_KEY``/``S3_SECRET_KEY``, then the standard AWS chain. With no
 ``--storage``, ``S3_BUCKET`` names the bucket; without it storage is ``./rrb-backup``.
+Server-side encryption of written objects comes from ``--s3-sse``/``S3_SSE`` and
+``--s3-sse-kms-key-id``/``S3_SSE_KMS_KEY_ID`` (see :func:`with_sse`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -41,6 +43,8 @@ class StorageSpec:
     secret_key: str | None = field(default=None, repr=False)
     region: str | None = None
     defaulted: bool = False  # True when no --storage or S3_BUCKET chose it
+    sse: str | None = None  # S3 ServerSideEncryption of written objects: AES256 or aws:kms
+    sse_kms_key_id: str | None = None  # with aws:kms: the key; None: the bucket's default
 
     @property
     def description(self) -> str:
@@ -108,6 +112,44 @@ def parse_storage_url(url: str | None, env: Mapping[str, str] | None = None) -> 
     )
 
 
+SSE_MODES = ("AES256", "aws:kms")
+
+
+def with_sse(
+    spec: StorageSpec,
+    sse: str | None = None,
+    kms_key_id: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> StorageSpec:
+    """``spec`` with server-side encryption from the flags, else ``S3_SSE`` and
+    ``S3_SSE_KMS_KEY_ID``.
+
+    Raises ``ConfigError`` for a mode other than ``AES256`` or ``aws:kms``, a KMS key id
+    without ``aws:kms``, or either option with storage that is not S3.
+    """
+    env = os.environ if env is None else env
+    sse = sse or env.get("S3_SSE") or None
+    kms_key_id = kms_key_id or env.get("S3_SSE_KMS_KEY_ID") or None
+    if sse is None and kms_key_id is None:
+        return spec
+    if spec.kind != "s3":
+        raise ConfigError(
+            f"--s3-sse and --s3-sse-kms-key-id (or S3_SSE, S3_SSE_KMS_KEY_ID) apply to s3:// "
+            f"storage only, not {spec.description}"
+        )
+    if sse not in SSE_MODES:
+        shown = "none" if sse is None else repr(sse)
+        raise ConfigError(
+            f"invalid --s3-sse (or S3_SSE) {shown}: expected {' or '.join(SSE_MODES)}"
+        )
+    if kms_key_id is not None and sse != "aws:kms":
+        raise ConfigError(
+            f"invalid --s3-sse-kms-key-id (or S3_SSE_KMS_KEY_ID) with --s3-sse {sse}: "
+            "a KMS key needs --s3-sse aws:kms"
+        )
+    return replace(spec, sse=sse, sse_kms_key_id=kms_key_id)
+
+
 def open_storage(spec: StorageSpec) -> Storage:
     """Build the backend for ``spec``. Opens no connection yet; call ``check()`` next."""
     if spec.kind == "s3":
@@ -120,6 +162,8 @@ def open_storage(spec: StorageSpec) -> Storage:
             access_key=spec.access_key,
             secret_key=spec.secret_key,
             region=spec.region,
+            sse=spec.sse,
+            sse_kms_key_id=spec.sse_kms_key_id,
         )
     if spec.kind == "fs":
         from rrb_streams.storage.fs import FsStorage
