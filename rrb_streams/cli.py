@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -26,7 +27,7 @@ from rrb_streams.config import (
     UploadConfig,
 )
 from rrb_streams.connections import connect, ping, redact_url
-from rrb_streams.errors import ConfigError, RrbError
+from rrb_streams.errors import ConfigError, DependencyError, RrbError
 from rrb_streams.logs import configure, get_logger
 from rrb_streams.storage.url import (
     SSE_MODES,
@@ -46,6 +47,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        """Parse ``args``; a ``LOG_LEVEL`` that names no level is bad input too."""
+        parsed = super().parse_args(args, namespace)
+        level = os.environ.get("LOG_LEVEL")
+        if level and level.upper() not in logging.getLevelNamesMapping():
+            sys.stderr.write(
+                f"{self.prog}: error: invalid LOG_LEVEL {level!r}: "
+                "expected DEBUG, INFO, WARNING or ERROR\n"
+            )
+            raise SystemExit(2)
+        return parsed
 
 
 def _parser(prog: str, description: str, url_help: str) -> _Parser:
@@ -632,6 +647,10 @@ def restore(argv: Sequence[str] | None = None) -> int:
         from rrb_streams.service import serve
 
         log = get_logger("restore")
+        folder = cfg.storage.path
+        if folder is not None and not await anyio.Path(folder).exists():
+            # Upload creates a missing folder; a restore from one is a mistyped path.
+            raise DependencyError(f"storage folder {folder} does not exist: nothing to restore")
         storage = await _open_checked_storage(cfg.storage)
         try:
             await require_versions(cfg, storage)

@@ -25,7 +25,9 @@ def default_consumer() -> str:
 
 def _positive(name: str, value: float) -> None:
     if value <= 0:
-        raise ConfigError(f"invalid {name} {value!r}: must be greater than 0")
+        # Every field checked here that a user can set is the flag of the same name.
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"invalid {flag} {value!r}: must be greater than 0")
 
 
 class _Masked:
