@@ -8,7 +8,14 @@ exist (see :mod:`rrb_streams.rescan`). Gaps are:
 - ``startup``: the first subscription;
 - ``reconnect``: every later subscription, whether the bridge re-subscribed after an error or
   redis-py reconnected and re-subscribed on its own inside ``get_message``;
-- ``source_restart`` / ``stream_restart``: a ``run_id`` changed, seen by a periodic INFO.
+- ``source_restart`` / ``stream_restart``: a ``run_id`` changed, seen by a periodic INFO;
+- ``source_wipe`` / ``stream_wipe``: FLUSHDB, FLUSHALL or SWAPDB ran. They emit no keyspace
+  events, so the same periodic INFO reads their ``commandstats`` call counters, and any
+  increase (or a reset of the counters, which hides one) is a gap. The rescan then enqueues
+  what the wipe changed: the keys a SWAPDB brought in, and through the stored-keys index the
+  keys that are gone. The backup is back in line within ``watch_interval`` plus one rescan
+  and the uploaders' drain. A wipe of the stream's own Redis loses the entries it held, which
+  the rescan also makes good.
 
 Both subscription gaps are raised by the server's PSUBSCRIBE confirmation, read from the
 subscription itself, so a rescan only starts once the server delivers events to us again: each
@@ -59,6 +66,15 @@ async def _run_id(r: Redis) -> str:
     return str(info["run_id"])
 
 
+WIPES = ("flushdb", "flushall", "swapdb")
+
+
+async def _wipe_calls(r: Redis) -> dict[str, int]:
+    """How many times each dataset-wide command ran since the counters were last reset."""
+    info: dict[str, Any] = await r.info("commandstats")
+    return {c: int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in WIPES}
+
+
 class _Backoff:
     """Capped exponential backoff for one retry loop; resets (and says so once) on success."""
 
@@ -95,6 +111,7 @@ class Bridge:
         self._stop_requested = False
         self._subscribed = False
         self._run_ids: dict[str, str] = {}
+        self._wipes: dict[str, dict[str, int]] = {}  # commandstats calls of WIPES, per Redis
         self._group_needed = False
         self._clients: dict[int, Redis] = {}
         self._source: Redis | None = None
@@ -164,6 +181,7 @@ class Bridge:
             if not cfg.assume_notifications:
                 await self._ensure_notifications(source)
             self._run_ids["source"] = await _run_id(source)
+            self._wipes["source"] = await _wipe_calls(source)
         except RETRYABLE as exc:
             where = redact_url(cfg.source_url)
             raise DependencyError(f"source Redis at {where} failed at start: {exc}") from exc
@@ -171,6 +189,7 @@ class Bridge:
             await ensure_group(stream, self._own.stream, DEFAULT_GROUP)
             if stream is not source:
                 self._run_ids["stream"] = await _run_id(stream)
+                self._wipes["stream"] = await _wipe_calls(stream)
         except RETRYABLE as exc:
             where = redact_url(cfg.effective_stream_url)
             raise DependencyError(f"cannot prepare the change stream at {where}: {exc}") from exc
@@ -277,6 +296,7 @@ class Bridge:
             for name, client, reason in watched:
                 try:
                     run_id = await _run_id(client)
+                    wipes = await _wipe_calls(client)
                 except RETRYABLE as exc:
                     self._log.debug("bridge.watch_failed", redis=name, error=str(exc))
                     continue
@@ -286,6 +306,15 @@ class Bridge:
                     # An empty restarted stream Redis would otherwise hold entries no group keeps.
                     self._group_needed = self._group_needed or client is self._stream
                     self._gaps.report(reason, run_id=run_id, previous_run_id=known)
+                    self._wipes[name] = wipes  # a restart resets the counters
+                    continue
+                seen = self._wipes.get(name)
+                self._wipes[name] = wipes
+                if seen is not None and wipes != seen:
+                    ran = {c: wipes[c] - seen[c] for c in WIPES if wipes[c] != seen[c]}
+                    # A wiped stream Redis lost its group with the stream.
+                    self._group_needed = self._group_needed or client is self._stream
+                    self._gaps.report(f"{name}_wipe", commands=ran)
             if self._group_needed:
                 try:
                     await ensure_group(self._stream, self._own.stream, DEFAULT_GROUP)
