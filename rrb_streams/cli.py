@@ -25,6 +25,7 @@ from rrb_streams.config import (
     RestoreConfig,
     StatusConfig,
     UploadConfig,
+    VerifyConfig,
 )
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, DependencyError, RrbError
@@ -685,6 +686,89 @@ def restore(argv: Sequence[str] | None = None) -> int:
     return _execute(p.prog, args.debug, body)
 
 
+def verify(argv: Sequence[str] | None = None) -> int:
+    """``rrb-verify``: compare the live keys with the latest objects in storage."""
+    p = _parser(
+        "rrb-verify",
+        "Compare every live key with its latest object in storage: missing, stale and extra "
+        "objects. Exit status 0 only when all three are 0, 3 when differences were found.",
+        "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
+    )
+    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+    p.add_argument("--match", default="*", metavar="GLOB", help="check only keys matching GLOB")
+    p.add_argument(
+        "--all-dbs", action="store_true", help="check every database, not only the URL's"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="queue every difference in the change stream, so the uploaders fix it",
+    )
+    p.add_argument(
+        "--recheck-delay",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="wait before checking a difference again; keys that change meanwhile are not "
+        "counted (default: 2)",
+    )
+    _add_stream_options(p)
+    _add_tls_options(p)
+    args = p.parse_args(argv)
+    tty = sys.stderr.isatty() and not args.quiet
+    configure(debug=args.debug, quiet=args.quiet, default_level="WARNING" if tty else "INFO")
+    try:
+        cfg = VerifyConfig(
+            source_url=_source_url(args),
+            storage=parse_storage_url(args.storage),
+            stream_url=args.stream_url,
+            path_prefix=args.path,
+            match=args.match,
+            all_dbs=args.all_dbs,
+            own_prefix=args.own_prefix,
+            repair=args.repair,
+            recheck_delay=args.recheck_delay,
+            tls=_tls(args),
+        ).validate()
+    except ConfigError as exc:
+        return _usage_error(p.prog, exc)
+
+    async def body() -> int:
+        from rrb_streams.progress import Progress
+        from rrb_streams.verify import Verifier, exit_status, render
+
+        log = get_logger("verify")
+        folder = cfg.storage.path
+        if folder is not None and not await anyio.Path(folder).exists():
+            raise DependencyError(f"storage folder {folder} does not exist: nothing to verify")
+        storage = await _open_checked_storage(cfg.storage)
+        try:
+            verifier = Verifier(
+                cfg,
+                storage,
+                progress=lambda unit: Progress(
+                    tty=tty, log=log, event="verify.progress", unit=unit
+                ),
+            )
+            summary = await verifier.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+        if args.json:
+            print(json.dumps(summary.to_dict(repair=cfg.repair), indent=2))
+        else:
+            print(render(summary, repair=cfg.repair))
+        return exit_status(summary)
+
+    return _execute(p.prog, args.debug, body)
+
+
 def _entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[], NoReturn]:
     def main() -> NoReturn:
         sys.exit(fn(sys.argv[1:]))
@@ -697,3 +781,4 @@ upload_main = _entry(upload)
 rrb_main = _entry(rrb)
 status_main = _entry(status)
 restore_main = _entry(restore)
+verify_main = _entry(verify)

@@ -248,3 +248,48 @@ class RestoreConfig(_Masked):
         for name in ("retry_timeout", "claim_idle", "grace", "max_backoff"):
             _positive(name, getattr(self, name))
         return self
+
+
+@dataclass(frozen=True, repr=False)
+class VerifyConfig(_Masked):
+    """Settings of ``rrb-verify``: which source and storage to compare, and how."""
+
+    source_url: str
+    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
+    stream_url: str | None = None  # where --repair queues entries; None: the source
+    path_prefix: str = ""
+    match: str = "*"
+    all_dbs: bool = False
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    repair: bool = False
+    recheck_delay: float = 2.0  # seconds before a difference is checked again
+    chunk_size: int = 256  # objects fetched and compared together
+    scan_count: int = 1000  # SCAN COUNT on the source
+    max_pending: int = 10_000  # differences waiting for their re-check
+    tls: TlsOptions = NO_TLS
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+    @property
+    def effective_stream_url(self) -> str:
+        return self.stream_url or self.source_url
+
+    def validate(self) -> VerifyConfig:
+        validate_url(self.source_url, "source Redis URL")
+        if self.stream_url:
+            validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.source_url, self.stream_url))
+        object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
+        if not self.match:
+            raise ConfigError("invalid --match '': must not be empty")
+        if not self.own_prefix:
+            raise ConfigError("invalid --own-prefix '': must not be empty")
+        if self.recheck_delay < 0:
+            raise ConfigError(
+                f"invalid --recheck-delay {self.recheck_delay!r}: must not be negative"
+            )
+        for name in ("chunk_size", "scan_count", "max_pending"):
+            _positive(name, getattr(self, name))
+        return self

@@ -27,8 +27,19 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Feed it :meth:`update` calls; it renders at most every ``interval`` seconds."""
 
-    def __init__(self, *, tty: bool, log: Any, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tty: bool,
+        log: Any,
+        out: TextIO | None = None,
+        event: str = "restore.progress",
+        unit: str = "objects",
+    ) -> None:
+        """``event`` names the log lines off a terminal; ``unit`` is what the bar counts."""
         self.tty = tty
+        self.event = event
+        self.unit = unit
         self.interval = 0.5 if tty else 10.0
         self._log = log
         self._out = out or sys.stderr
@@ -54,7 +65,7 @@ class Progress:
             self._draw(done, total, rate, left, listing_done)
         else:
             self._log.info(
-                "restore.progress",
+                self.event,
                 done=done,
                 total=total,
                 listing_done=listing_done,
@@ -70,7 +81,7 @@ class Progress:
         bar = "#" * filled + "-" * (BAR_WIDTH - filled)
         of = f"{total:,}" if listing_done else f"{total:,}+ (listing)"
         eta = f"  {_duration(left)} left" if left is not None else ""
-        line = f"[{bar}] {done:,}/{of} objects  {fraction:4.0%}  {rate:,.0f}/s{eta}"
+        line = f"[{bar}] {done:,}/{of} {self.unit}  {fraction:4.0%}  {rate:,.0f}/s{eta}"
         self._out.write("\r\x1b[K" + line)
         self._out.flush()
         self._drawn = True

@@ -1,0 +1,555 @@
+"""``rrb-verify``: prove that storage matches the source, key by key.
+
+Three kinds of difference, each for keys of the watched db(s) that match ``--match`` (rrb's
+own keys never count):
+
+- ``missing``: a live key with no object, or whose newest version is a tombstone;
+- ``stale``: an object whose type, expiry or value differs from the key's (or that fails its
+  checksum);
+- ``extra``: an object whose key no longer exists.
+
+**Two passes, bounded memory.**
+
+1. *Storage to source.* The listing is walked in name order through :func:`plan.select`
+   (latest-state objects and ``--versioning`` versions alike: the newest read wins, and a
+   tombstone there means absent). Chunks of keys are fetched (``get_many``, a few slices at a
+   time) and read from the source with the uploader's own read (:class:`Source`: ``DUMP``,
+   expiry and ``TYPE`` in one transaction), so both sides are compared as the pipeline sees
+   them. Each key that storage holds as live leaves 8 bytes behind: the first 8 bytes of its
+   SHA-256, in a sorted array per db (8 MB per million keys; the listing is already in hash
+   order, so nothing is sorted).
+2. *Source to storage.* ``SCAN … MATCH`` walks the source; a key whose hash prefix is not in
+   the array is a ``missing`` candidate. Two keys sharing a 64-bit prefix would hide one
+   missing key; at a million keys the odds are below one in ten billion.
+
+**Comparison.** Types and absolute expiries (``PEXPIRETIME``, exact on Redis 7; ±1 ms where the
+source only has ``PTTL``) must be equal. Values are compared as ``DUMP`` bodies without their
+10-byte footer (RDB version and CRC64), so a source upgraded to a newer RDB version still
+matches. ``DUMP`` is the serialised encoding, not the logical value: a key that Redis
+re-encoded without a write (a restart reloading a hash into a more compact encoding) differs
+until the bridge's rescan after that restart has re-uploaded it.
+
+**Changes during the check.** A difference is only a candidate at first. After
+``recheck_delay`` seconds it is checked once more, from a fresh read of the key and a fresh
+listing of its objects. It counts only when it is still there *and* neither side moved in
+between: a key that changed, or whose object the pipeline rewrote, is being handled by the
+pipeline and is reported as ``changing``, not as drift. At most ``max_pending`` candidates wait
+at a time; a full queue waits for its oldest to come due.
+
+**Repair.** ``--repair`` never writes storage. Each confirmed difference becomes a change-stream
+entry (event ``verify``) on the stream Redis, and its field of the stored-keys index
+(:mod:`rrb_streams.index`) is set to unknown first, so the uploader that takes the entry writes
+the key's current state instead of trusting the index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anyio
+from redis.asyncio import Redis
+
+from rrb_streams import codec, index
+from rrb_streams.changes import entry_fields
+from rrb_streams.codec import KeyRecord
+from rrb_streams.config import VerifyConfig
+from rrb_streams.connections import connect, ping, url_db
+from rrb_streams.errors import CorruptObject, ObjectNotFound
+from rrb_streams.keyglob import compile_glob
+from rrb_streams.layout import key_dir, key_hash, parse_name
+from rrb_streams.logs import get_logger
+from rrb_streams.plan import Item, PlanStats, select
+from rrb_streams.progress import Progress
+from rrb_streams.source import KeyReadError, Source
+from rrb_streams.storage.base import Storage
+
+KINDS = ("missing", "stale", "extra")
+EXAMPLES = 10
+REPAIR_EVENT = "verify"
+_FOOTER = 10  # DUMP ends with a 2-byte RDB version and an 8-byte CRC64
+_SLICES = 4  # concurrent get_many calls per chunk
+MAX_CORRUPT_TRACKED = 10_000  # damaged objects whose keys pass 2 can still name for repair
+
+#: Builds the progress display of one pass; the argument is its unit ("objects", "keys").
+ProgressFactory = Callable[[str], Progress]
+
+
+@dataclass
+class Summary:
+    """What a run found. ``examples`` holds up to :data:`EXAMPLES` names per kind."""
+
+    checked: int = 0  # keys compared: objects in scope plus live keys that have none
+    missing: int = 0
+    stale: int = 0
+    extra: int = 0
+    changing: int = 0  # differences that moved while checked: the pipeline is on them
+    unreadable: int = 0  # keys the source refused to read (ACL, a broken module type)
+    queued: int = 0  # change-stream entries added by --repair
+    examples: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    @property
+    def differences(self) -> int:
+        return self.missing + self.stale + self.extra
+
+    def to_dict(self, *, repair: bool) -> dict[str, Any]:
+        """The ``--json`` object."""
+        out: dict[str, Any] = {
+            "checked": self.checked,
+            "missing": self.missing,
+            "stale": self.stale,
+            "extra": self.extra,
+            "changing": self.changing,
+            "unreadable": self.unreadable,
+            "examples": self.examples,
+        }
+        if repair:
+            out["queued"] = self.queued
+        return out
+
+
+def render(summary: Summary, *, repair: bool) -> str:
+    """The human summary: one line of counts, then each kind with its examples."""
+    s = summary
+    verdict = "storage matches the source" if not s.differences else "differences found"
+    lines = [
+        f"Verify: {verdict}: {s.checked:,} keys checked, {s.missing:,} missing, "
+        f"{s.stale:,} stale, {s.extra:,} extra"
+    ]
+    for kind in KINDS:
+        shown = s.examples[kind]
+        if shown:
+            more = getattr(s, kind) - len(shown)
+            tail = f" (and {more:,} more)" if more > 0 else ""
+            lines.append(f"  {kind}: {', '.join(shown)}{tail}")
+    if s.changing:
+        lines.append(f"  changing while checked (not counted): {s.changing:,}")
+    if s.unreadable:
+        lines.append(f"  refused by the source (not counted): {s.unreadable:,}")
+    if repair:
+        lines.append(f"  repair: {s.queued:,} entries queued for the uploaders")
+    return "\n".join(lines)
+
+
+def exit_status(summary: Summary) -> int:
+    """0 when nothing differs, 3 when differences were found (1 and 2: errors, bad input)."""
+    return 3 if summary.differences else 0
+
+
+def example_name(db: int, key: bytes) -> str:
+    """How a key is named in the summary: ``db0:user:1``, non-UTF-8 bytes escaped."""
+    return f"db{db}:{key.decode('utf-8', 'backslashreplace')}"
+
+
+def _prefix8(key: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What storage holds for a key: its newest record, ``None`` when absent, or damage."""
+
+    rec: KeyRecord | None
+    name: str | None = None
+    corrupt: str | None = None
+
+    def marker(self) -> tuple[Any, ...]:
+        """Equal markers: storage did not move for this key between two looks."""
+        if self.corrupt is not None:
+            return ("corrupt", self.name)
+        if self.rec is None:
+            return ("absent",)
+        return (self.name, self.rec.read_at_us)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    kind: str
+    db: int
+    key: bytes
+    live: KeyRecord
+    stored: _Stored
+    due: float
+
+
+def _live_marker(rec: KeyRecord) -> tuple[Any, ...]:
+    return (rec.tombstone, rec.type, rec.expire_at_ms, rec.payload)
+
+
+def _same_payload(a: bytes, b: bytes) -> bool:
+    if a == b:
+        return True
+    return len(a) > _FOOTER and len(b) > _FOOTER and a[:-_FOOTER] == b[:-_FOOTER]
+
+
+class Verifier:
+    """One verification run over ``storage`` (owned by the caller) against the source."""
+
+    def __init__(
+        self,
+        cfg: VerifyConfig,
+        storage: Storage,
+        *,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        self.summary = Summary()
+        self._progress = progress
+        self._log = get_logger("verify")
+        self._source = Source(cfg.source_url, tls=cfg.tls)
+        self._stream: Redis | None = None
+        self._matches = compile_glob(cfg.match.encode())
+        self._own = cfg.own
+        self._url_db = url_db(cfg.source_url)
+        self._known: dict[int, array[int]] = {}
+        self._unsorted: set[int] = set()
+        self._corrupt: set[tuple[int, str]] = set()  # (db, key hash) of damaged objects
+        self._pending: deque[_Candidate] = deque()
+        self._repairs: list[tuple[int, bytes]] = []
+        self._tolerance_ms = 0
+
+    async def run(self) -> Summary:
+        """Check everything, re-check every candidate, queue repairs; return the summary.
+
+        Raises ``DependencyError`` when the source (or, with ``--repair``, the stream Redis)
+        cannot be reached; storage errors propagate.
+        """
+        await self._source.check()
+        # Without PEXPIRETIME the uploader adds PTTL to TIME, which can be off by 1 ms.
+        major = self._source.redis_version.split(".")[0]
+        self._tolerance_ms = 0 if major.isdigit() and int(major) >= 7 else 1
+        if self.cfg.repair:
+            self._stream = connect(
+                self.cfg.effective_stream_url, name="rrb-verify", tls=self.cfg.tls
+            )
+            await ping(self._stream, self.cfg.effective_stream_url, "stream Redis")
+        self._log.info(
+            "verify.started",
+            storage=self.storage.description,
+            prefix=self.cfg.path_prefix,
+            match=self.cfg.match,
+            all_dbs=self.cfg.all_dbs,
+            repair=self.cfg.repair,
+        )
+        started = time.monotonic()
+        try:
+            await self._storage_pass()
+            for arr_db in self._unsorted:
+                self._known[arr_db] = array("Q", sorted(self._known[arr_db]))
+            await self._source_pass()
+            while self._pending:
+                await self._recheck(wait=True)
+            await self._flush_repairs()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._source.close()
+                if self._stream is not None:
+                    await self._stream.aclose()
+        s = self.summary
+        self._log.info(
+            "verify.finished",
+            checked=s.checked,
+            missing=s.missing,
+            stale=s.stale,
+            extra=s.extra,
+            changing=s.changing,
+            unreadable=s.unreadable,
+            queued=s.queued,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return s
+
+    # -- pass 1: storage to source -------------------------------------------------------
+
+    def _watched(self, db: int) -> bool:
+        return self.cfg.all_dbs or db == self._url_db
+
+    async def _storage_pass(self) -> None:
+        stats = PlanStats()
+        bar = _Shown(self._progress("objects")) if self._progress else None
+        chunk: list[tuple[int, Item]] = []
+        done = 0
+        try:
+            listing = self.storage.list(self.cfg.path_prefix)
+            async for item in select(listing, self.cfg.path_prefix, at_us=None, stats=stats):
+                parsed = parse_name(item.names[0], self.cfg.path_prefix)
+                if parsed is None or not self._watched(parsed.db):
+                    continue
+                chunk.append((parsed.db, item))
+                if len(chunk) >= self.cfg.chunk_size:
+                    await self._check_chunk(chunk)
+                    done += len(chunk)
+                    chunk = []
+                    if bar is not None:
+                        bar.update(done, stats.keys, listing_done=False)
+            await self._check_chunk(chunk)
+            done += len(chunk)
+            if bar is not None:
+                bar.update(done, done, listing_done=True, final=True)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def _fetch(self, items: Sequence[tuple[int, Item]]) -> list[_Stored]:
+        """The newest record of each item, fetched in a few concurrent slices."""
+        out: list[_Stored | None] = [None] * len(items)
+        step = max(1, -(-len(items) // _SLICES))
+
+        async def fetch(lo: int) -> None:
+            part = items[lo : lo + step]
+            names = [n for _, item in part for n in item.names]
+            blobs = await self.storage.get_many(names)
+            pos = 0
+            for i, (_, item) in enumerate(part, start=lo):
+                got = blobs[pos : pos + len(item.names)]
+                pos += len(item.names)
+                out[i] = _newest(item.names, got)
+
+        async with anyio.create_task_group() as tg:
+            for lo in range(0, len(items), step):
+                tg.start_soon(fetch, lo)
+        return [s for s in out if s is not None]
+
+    async def _check_chunk(self, chunk: Sequence[tuple[int, Item]]) -> None:
+        if not chunk:
+            return
+        stored = await self._fetch(chunk)
+        by_db: dict[int, list[tuple[bytes, _Stored]]] = {}
+        for (db, item), st in zip(chunk, stored, strict=True):
+            if st.rec is None and st.corrupt is None:
+                continue  # a tombstone is newest: absent in storage; pass 2 checks the key
+            if st.corrupt is not None:
+                # Damage hides the key; its hash is in the name. Remember it, so pass 2 does
+                # not call the key missing as well, and can queue its repair.
+                self._corrupt_seen(db, item.group.rsplit("/", 1)[-1], st)
+                continue
+            rec = st.rec
+            assert rec is not None
+            if self._own.is_own(rec.key) or not self._matches(rec.key):
+                continue
+            self._remember(db, _prefix8(rec.key))
+            by_db.setdefault(db, []).append((rec.key, st))
+        for db, pairs in by_db.items():
+            keys = [k for k, _ in pairs]
+            live = await self._source.read(db, keys, [""] * len(keys))
+            for (key, st), now in zip(pairs, live, strict=True):
+                self.summary.checked += 1
+                self._consider(db, key, st, now)
+        await self._recheck(wait=False)
+
+    def _corrupt_seen(self, db: int, hex_hash: str, st: _Stored) -> None:
+        self.summary.checked += 1
+        self._count("stale", st.name or hex_hash)
+        self._log.warning("verify.corrupt_object", object=st.name, reason=st.corrupt)
+        self._remember(db, int(hex_hash[:16], 16))
+        if len(self._corrupt) < MAX_CORRUPT_TRACKED:
+            self._corrupt.add((db, hex_hash))
+
+    def _remember(self, db: int, value: int) -> None:
+        arr = self._known.setdefault(db, array("Q"))
+        if arr and value < arr[-1]:
+            self._unsorted.add(db)
+        arr.append(value)
+
+    # -- pass 2: source to storage -------------------------------------------------------
+
+    async def _dbs(self) -> list[int]:
+        if not self.cfg.all_dbs:
+            return [self._url_db]
+        info: dict[str, Any] = await self._source.client(self._url_db).info("keyspace")
+        return sorted(int(name[2:]) for name in info if name.startswith("db"))
+
+    async def _source_pass(self) -> None:
+        dbs = await self._dbs()
+        total = 0
+        for db in dbs:
+            total += int(await self._source.client(db).dbsize())
+        bar = _Shown(self._progress("keys")) if self._progress else None
+        done = 0
+        try:
+            for db in dbs:
+                client = self._source.client(db)
+                known = self._known.get(db, array("Q"))
+                cursor = 0
+                while True:
+                    cursor, page = await client.scan(
+                        cursor, match=self.cfg.match.encode(), count=self.cfg.scan_count
+                    )
+                    keys = cast(list[bytes], page)  # the client never decodes
+                    done += len(keys)
+                    if self._corrupt and self.cfg.repair:
+                        self._repair_corrupt(db, keys)
+                    absent = [
+                        k for k in keys if not self._own.is_own(k) and not _contains(known, k)
+                    ]
+                    if absent:
+                        live = await self._source.read(db, absent, [""] * len(absent))
+                        for key, now in zip(absent, live, strict=True):
+                            if isinstance(now, KeyReadError) or not now.tombstone:
+                                self.summary.checked += 1
+                            self._consider(db, key, _Stored(None), now)
+                        await self._recheck(wait=False)
+                    if bar is not None:
+                        bar.update(done, max(total, done), listing_done=True, final=not cursor)
+                    if not cursor:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _repair_corrupt(self, db: int, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            if (db, h := key_hash(key)) in self._corrupt:
+                self._corrupt.discard((db, h))
+                self._repairs.append((db, key))
+
+    # -- comparing, re-checking, counting ------------------------------------------------
+
+    def _classify(self, stored: _Stored, live: KeyRecord) -> str | None:
+        if stored.corrupt is not None:
+            return "stale"
+        rec = stored.rec
+        if rec is None:
+            return None if live.tombstone else "missing"
+        if live.tombstone:
+            return "extra"
+        if rec.type != live.type or not _same_payload(rec.payload, live.payload):
+            return "stale"
+        if (rec.expire_at_ms is None) != (live.expire_at_ms is None):
+            return "stale"
+        if rec.expire_at_ms is not None and live.expire_at_ms is not None:
+            if abs(rec.expire_at_ms - live.expire_at_ms) > self._tolerance_ms:
+                return "stale"
+        return None
+
+    def _consider(
+        self, db: int, key: bytes, stored: _Stored, live: KeyRecord | KeyReadError
+    ) -> None:
+        if isinstance(live, KeyReadError):
+            self.summary.unreadable += 1
+            self._log.warning("verify.unreadable", db=db, key=key, reason=live.reason)
+            return
+        kind = self._classify(stored, live)
+        if kind is None:
+            return
+        due = anyio.current_time() + self.cfg.recheck_delay
+        self._pending.append(_Candidate(kind, db, key, live, stored, due))
+
+    async def _recheck(self, *, wait: bool) -> None:
+        """Re-check the candidates that are due. ``wait``: also wait for the oldest one.
+
+        Waits as well whenever more than ``max_pending`` candidates are queued.
+        """
+        if not self._pending:
+            return
+        if wait or len(self._pending) >= self.cfg.max_pending:
+            await anyio.sleep(max(0.0, self._pending[0].due - anyio.current_time()))
+        now = anyio.current_time()
+        due: list[_Candidate] = []
+        while self._pending and self._pending[0].due <= now:
+            due.append(self._pending.popleft())
+        by_db: dict[int, list[_Candidate]] = {}
+        for c in due:
+            by_db.setdefault(c.db, []).append(c)
+        for db, group in by_db.items():
+            stored = [await self._stored_now(db, c.key) for c in group]
+            live = await self._source.read(db, [c.key for c in group], [""] * len(group))
+            for c, st, now_rec in zip(group, stored, live, strict=True):
+                self._settle(c, st, now_rec)
+        await self._flush_repairs(only_full=True)
+
+    def _settle(self, c: _Candidate, stored: _Stored, live: KeyRecord | KeyReadError) -> None:
+        if isinstance(live, KeyReadError):
+            self.summary.unreadable += 1
+            return
+        kind = self._classify(stored, live)
+        if kind is None:
+            return
+        if _live_marker(live) != _live_marker(c.live) or stored.marker() != c.stored.marker():
+            self.summary.changing += 1
+            self._log.debug("verify.changing", db=c.db, key=c.key, kind=kind)
+            return
+        self._log.info("verify.difference", kind=kind, db=c.db, key=c.key, object=stored.name)
+        self._count(kind, example_name(c.db, c.key))
+        if self.cfg.repair:
+            self._repairs.append((c.db, c.key))
+
+    def _count(self, kind: str, name: str) -> None:
+        setattr(self.summary, kind, getattr(self.summary, kind) + 1)
+        shown = self.summary.examples[kind]
+        if len(shown) < EXAMPLES:
+            shown.append(name)
+
+    async def _stored_now(self, db: int, key: bytes) -> _Stored:
+        """A fresh look at one key's objects: its own small listing, then its newest record."""
+        folder = key_dir(self.cfg.path_prefix, db, key)
+        listing = self.storage.list(folder)
+        async for item in select(listing, self.cfg.path_prefix, at_us=None, stats=PlanStats()):
+            if item.group != folder:
+                continue
+            return _newest(item.names, await self.storage.get_many(item.names))
+        return _Stored(None)
+
+    async def _flush_repairs(self, *, only_full: bool = False) -> None:
+        if not self._repairs or (only_full and len(self._repairs) < self.cfg.chunk_size):
+            return
+        assert self._stream is not None
+        repairs, self._repairs = self._repairs, []
+        now_ms = int(time.time() * 1000)
+        # The index may claim the state storage lacks (an object lost or damaged behind the
+        # pipeline's back); unknown makes the uploader write instead of skipping.
+        await index.mark_unknown(self._stream, self._own, repairs)
+        pipe = self._stream.pipeline(transaction=False)
+        for db, key in repairs:
+            pipe.xadd(self._own.stream, entry_fields(db, key, REPAIR_EVENT, now_ms))  # type: ignore[arg-type]
+        await pipe.execute()
+        self.summary.queued += len(repairs)
+        self._log.info("verify.repairs_queued", entries=len(repairs), stream=self._own.stream)
+
+
+class _Shown:
+    """A :class:`Progress` fed at most once per its ``interval``, and always at the end."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._last = -float("inf")
+
+    def update(self, done: int, total: int, *, listing_done: bool, final: bool = False) -> None:
+        now = anyio.current_time()
+        if final or now - self._last >= self.progress.interval:
+            self._last = now
+            self.progress.update(done, total, listing_done=listing_done)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def _contains(known: array[int], key: bytes) -> bool:
+    value = _prefix8(key)
+    i = bisect.bisect_left(known, value)
+    return i < len(known) and known[i] == value
+
+
+def _newest(names: Sequence[str], blobs: Sequence[bytes | ObjectNotFound]) -> _Stored:
+    """The newest of one key's candidate objects, as :mod:`rrb_streams.replay` picks it."""
+    chosen: KeyRecord | None = None
+    chosen_name: str | None = None
+    for name, blob in zip(names, blobs, strict=True):
+        if isinstance(blob, ObjectNotFound):
+            continue  # deleted since the listing: the other candidate, or absent
+        try:
+            rec = codec.decode(blob, name)
+        except CorruptObject as exc:
+            return _Stored(None, name, corrupt=str(exc))
+        if chosen is None or rec.read_at_us > chosen.read_at_us:
+            chosen, chosen_name = rec, name
+    if chosen is None or chosen.tombstone:
+        return _Stored(None, chosen_name)
+    return _Stored(chosen, chosen_name)
