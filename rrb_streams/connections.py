@@ -14,7 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from rrb_streams.errors import ConfigError, DependencyError
-from rrb_streams.tls import NO_TLS, TlsOptions
+from rrb_streams.tls import NO_TLS, TlsOptions, uses_tls
 
 _SCHEMES = ("redis", "rediss", "unix")
 
@@ -97,4 +97,16 @@ async def ping(r: Redis, url: str, what: str = "Redis") -> None:
     except ResponseError as exc:
         raise DependencyError(f"{what} at {redact_url(url)} refused PING: {exc}") from exc
     except (RedisError, OSError) as exc:
-        raise DependencyError(f"cannot reach {what} at {redact_url(url)}: {exc}") from exc
+        raise DependencyError(
+            f"cannot reach {what} at {redact_url(url)}: {exc}{_tls_hint(url, exc)}"
+        ) from exc
+
+
+def _tls_hint(url: str, exc: BaseException) -> str:
+    # A TLS server that requires a client certificate refuses it after the handshake, with
+    # an alert or a reset (whichever our first read meets): neither says what is missing.
+    cause = exc.__cause__ or exc.__context__
+    refused = isinstance(cause, ConnectionResetError) or "CERTIFICATE_REQUIRED" in str(exc)
+    if uses_tls(url) and refused:
+        return "; if the server requires a client certificate, give --tls-cert and --tls-key"
+    return ""

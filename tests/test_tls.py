@@ -272,12 +272,29 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
     assert "certificate verify failed" in line
 
 
-def test_no_client_certificate_is_one_line_and_exit_1(tls_redis: TlsFactory, pki: Pki) -> None:
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("rrb-status", []),
+        ("rrb-restore", ["--storage", "{folder}"]),
+        ("rrb-bridge", []),
+        ("rrb-upload", ["--storage", "{folder}"]),
+        ("rrb", ["--storage", "{folder}"]),
+    ],
+)
+def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
+    tls_redis: TlsFactory, pki: Pki, tmp_path: Path, command: str, extra: list[str]
+) -> None:
     server = tls_redis()
-    result = _run("rrb-status", server.tls_url(), "--tls-ca", pki.ca)
+    (tmp_path / "backup").mkdir()
+    args = [a.format(folder=tmp_path / "backup") for a in extra]
+    result = _run(command, server.tls_url(), *args, "--tls-ca", pki.ca)
     assert result.returncode == 1, result.stderr
     line = _one_line(result.stderr)
     assert f"rediss://127.0.0.1:{server.tls_port}" in line
+    assert line.endswith(
+        "if the server requires a client certificate, give --tls-cert and --tls-key"
+    )
 
 
 @pytest.mark.parametrize(
