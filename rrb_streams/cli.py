@@ -741,7 +741,8 @@ def verify(argv: Sequence[str] | None = None) -> int:
 
     async def body() -> int:
         from rrb_streams.progress import Progress
-        from rrb_streams.verify import Verifier, exit_status, render
+        from rrb_streams.verify import Verifier
+        from rrb_streams.verify_report import exit_status, render
 
         log = get_logger("verify")
         folder = cfg.storage.path

@@ -50,7 +50,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
@@ -69,9 +69,8 @@ from rrb_streams.plan import Item, PlanStats, select
 from rrb_streams.progress import Progress
 from rrb_streams.source import KeyReadError, Source
 from rrb_streams.storage.base import Storage
+from rrb_streams.verify_report import EXAMPLES, Summary, example_name
 
-KINDS = ("missing", "stale", "extra")
-EXAMPLES = 10
 REPAIR_EVENT = "verify"
 _FOOTER = 10  # DUMP ends with a 2-byte RDB version and an 8-byte CRC64
 _SLICES = 4  # concurrent get_many calls per chunk
@@ -79,72 +78,6 @@ MAX_CORRUPT_TRACKED = 10_000  # damaged objects whose keys pass 2 can still name
 
 #: Builds the progress display of one pass; the argument is its unit ("objects", "keys").
 ProgressFactory = Callable[[str], Progress]
-
-
-@dataclass
-class Summary:
-    """What a run found. ``examples`` holds up to :data:`EXAMPLES` names per kind."""
-
-    checked: int = 0  # keys compared: objects in scope plus live keys that have none
-    missing: int = 0
-    stale: int = 0
-    extra: int = 0
-    changing: int = 0  # differences that moved while checked: the pipeline is on them
-    unreadable: int = 0  # keys the source refused to read (ACL, a broken module type)
-    queued: int = 0  # change-stream entries added by --repair
-    examples: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    @property
-    def differences(self) -> int:
-        return self.missing + self.stale + self.extra
-
-    def to_dict(self, *, repair: bool) -> dict[str, Any]:
-        """The ``--json`` object."""
-        out: dict[str, Any] = {
-            "checked": self.checked,
-            "missing": self.missing,
-            "stale": self.stale,
-            "extra": self.extra,
-            "changing": self.changing,
-            "unreadable": self.unreadable,
-            "examples": self.examples,
-        }
-        if repair:
-            out["queued"] = self.queued
-        return out
-
-
-def render(summary: Summary, *, repair: bool) -> str:
-    """The human summary: one line of counts, then each kind with its examples."""
-    s = summary
-    verdict = "storage matches the source" if not s.differences else "differences found"
-    lines = [
-        f"Verify: {verdict}: {s.checked:,} keys checked, {s.missing:,} missing, "
-        f"{s.stale:,} stale, {s.extra:,} extra"
-    ]
-    for kind in KINDS:
-        shown = s.examples[kind]
-        if shown:
-            more = getattr(s, kind) - len(shown)
-            tail = f" (and {more:,} more)" if more > 0 else ""
-            lines.append(f"  {kind}: {', '.join(shown)}{tail}")
-    if s.changing:
-        lines.append(f"  changing while checked (not counted): {s.changing:,}")
-    if s.unreadable:
-        lines.append(f"  refused by the source (not counted): {s.unreadable:,}")
-    if repair:
-        lines.append(f"  repair: {s.queued:,} entries queued for the uploaders")
-    return "\n".join(lines)
-
-
-def exit_status(summary: Summary) -> int:
-    """0 when nothing differs, 3 when differences were found (1 and 2: errors, bad input)."""
-    return 3 if summary.differences else 0
-
-
-def example_name(db: int, key: bytes) -> str:
-    """How a key is named in the summary: ``db0:user:1``, non-UTF-8 bytes escaped."""
-    return f"db{db}:{key.decode('utf-8', 'backslashreplace')}"
 
 
 def _prefix8(key: bytes) -> int:
@@ -459,7 +392,7 @@ class Verifier:
         for c in due:
             by_db.setdefault(c.db, []).append(c)
         for db, group in by_db.items():
-            stored = [await self._stored_now(db, c.key) for c in group]
+            stored = await self._stored_each(db, [c.key for c in group])
             live = await self._source.read(db, [c.key for c in group], [""] * len(group))
             for c, st, now_rec in zip(group, stored, live, strict=True):
                 self._settle(c, st, now_rec)
@@ -486,6 +419,20 @@ class Verifier:
         shown = self.summary.examples[kind]
         if len(shown) < EXAMPLES:
             shown.append(name)
+
+    async def _stored_each(self, db: int, keys: Sequence[bytes]) -> list[_Stored]:
+        """:meth:`_stored_now` of every key, up to ``_SLICES`` at a time, in order."""
+        out: list[_Stored] = [_Stored(None)] * len(keys)
+        limit = anyio.CapacityLimiter(_SLICES)
+
+        async def one(i: int) -> None:
+            async with limit:
+                out[i] = await self._stored_now(db, keys[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(keys)):
+                tg.start_soon(one, i)
+        return out
 
     async def _stored_now(self, db: int, key: bytes) -> _Stored:
         """A fresh look at one key's objects: its own small listing, then its newest record."""

@@ -18,7 +18,8 @@ from rrb_streams.progress import Progress
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.upload import Uploader
-from rrb_streams.verify import Summary, Verifier, example_name
+from rrb_streams.verify import Verifier
+from rrb_streams.verify_report import Summary, example_name
 from tests.pipeline import running_pipeline, wait_drained
 from tests.restoring import dumped_record, open_spec, put_latest, s3_spec
 from tests.servers import RedisServer
