@@ -1,0 +1,187 @@
+"""Fault scenarios under a continuous writer: every process and Redis the pipeline depends on
+fails, and once the writer stops and the pipeline drains, the backup equals the source.
+
+The change stream lives on its own Redis (AOF, fsync always), as the README recommends.
+Each scenario reports what it injected, the differences found and the drain time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.faults.proc import Command
+from tests.faults.test_kill import Writer, assert_backup_equals_source
+from tests.pipeline import wait_drained
+from tests.servers import RedisServer, wait_for
+
+pytestmark = pytest.mark.anyio
+
+Factory = Callable[..., RedisServer]
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+@pytest.fixture
+def commands() -> Iterator[list[Command]]:
+    started: list[Command] = []
+    yield started
+    for c in started:
+        c.ensure_stopped()
+
+
+class Pipeline:
+    """A bridge and two uploaders as real processes, the stream on its own Redis."""
+
+    def __init__(self, source: RedisServer, stream: RedisServer, folder: Path, logs: Path):
+        self.source, self.stream, self.folder = source, stream, folder
+        self.bridge = Command(
+            "rrb-bridge", source.url(), "--stream-url", stream.url(), log=logs / "bridge.log"
+        )
+        self.uploaders = [
+            Command(
+                "rrb-upload",
+                source.url(),
+                "--stream-url",
+                stream.url(),
+                "--storage",
+                str(folder),
+                "--claim-idle",
+                "1",
+                "--lease",
+                "2",
+                "--consumer",
+                f"up-{i}",
+                log=logs / f"upload{i}.log",
+            )
+            for i in range(2)
+        ]
+
+    @property
+    def processes(self) -> list[Command]:
+        return [self.bridge, *self.uploaders]
+
+    def start(self, commands: list[Command]) -> None:
+        commands += [p.start() for p in self.processes]
+        with self.stream.client() as s:
+            wait_for(lambda: s.exists("rrb:changes") == 1)
+
+    async def drain(self) -> float:
+        """Seconds from now until every change is uploaded."""
+        started = time.monotonic()
+        await wait_drained(self.stream.url(), within=90)
+        return round(time.monotonic() - started, 2)
+
+
+async def settle(pipeline: Pipeline, target: RedisServer) -> tuple[int, float]:
+    """Drain, then compare the backup with the source: (keys compared, drain seconds)."""
+    drain = await pipeline.drain()
+    keys = await assert_backup_equals_source(pipeline.source, target, pipeline.folder)
+    return keys, drain
+
+
+async def test_random_kill_9_of_bridge_and_uploaders(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    pipeline.start(commands)
+    rng = random.Random(11)
+    writer = Writer(source)
+    writer.start()
+    kills: dict[str, int] = {}
+    bridge, first, second = pipeline.processes
+    victims = [bridge, bridge, bridge, first, first, second, second, second]
+    rng.shuffle(victims)
+    try:
+        for victim in victims:
+            await anyio.sleep(rng.uniform(0.3, 0.8))
+            victim.kill9()
+            kills[victim.name] = kills.get(victim.name, 0) + 1
+            await anyio.sleep(rng.uniform(0.1, 0.5))
+            commands.append(victim.start())
+    finally:
+        writer.stop()
+    keys, drain = await settle(pipeline, target)
+    assert kills == {"rrb-bridge": 3, "rrb-upload": 5}
+    fault_report(
+        injected=f"{sum(kills.values())} kill -9 ({kills})",
+        changes=writer.changes,
+        keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
+
+
+async def test_the_streams_redis_killed_9_and_restarted_mid_load(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    pipeline.start(commands)
+    writer = Writer(source)
+    writer.start()
+    try:
+        await anyio.sleep(1.5)
+        stream.kill()
+        await anyio.sleep(1.0)  # the bridge and uploaders retry meanwhile
+        stream.start()  # the same port and folder: its AOF is reloaded
+        await anyio.sleep(1.5)
+    finally:
+        writer.stop()
+    keys, drain = await settle(pipeline, target)
+    assert all(p.proc is not None and p.proc.poll() is None for p in pipeline.processes)
+    fault_report(
+        injected="kill -9 of the stream's Redis, restarted after 1 s",
+        changes=writer.changes,
+        keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
+
+
+async def test_the_source_restarted_with_its_data(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(*DURABLE), redis_factory(*DURABLE), redis_factory()
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    pipeline.start(commands)
+    changes = 0
+    for _ in range(2):
+        writer = Writer(source)
+        writer.start()
+        await anyio.sleep(1.5)
+        writer.stop()
+        changes += writer.changes
+        before = source.client().info("server")["run_id"]
+        source.stop()  # graceful: the AOF keeps the data
+        source.start()
+        assert source.client().info("server")["run_id"] != before
+    writer = Writer(source)
+    writer.start()
+    await anyio.sleep(1.0)
+    writer.stop()
+    changes += writer.changes
+    keys, drain = await settle(pipeline, target)
+    bridge_log = pipeline.bridge.output()
+    assert "source_restart" in bridge_log
+    fault_report(
+        injected="2 restarts of the source (new run_id, data kept)",
+        changes=changes,
+        keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
