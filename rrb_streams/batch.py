@@ -298,9 +298,10 @@ class BatchProcessor:
                 results = await self._source.read(
                     db, [k.key for k in keys], [k.max_id for k in keys]
                 )
-            except ResponseError as exc:
-                out.failures.update({k: f"source refused to read db {db}: {exc}" for k in keys})
-                continue
+            except ResponseError:
+                # The source refused the whole transaction (an ACL denying one key aborts it):
+                # read the keys one by one, so only the key at fault fails, not its batch.
+                results = await self._read_one_by_one(db, keys)
             for k, res in zip(keys, results, strict=True):
                 if isinstance(res, KeyReadError):
                     out.failures[k] = res.reason
@@ -334,6 +335,15 @@ class BatchProcessor:
                 tg.start_soon(writer)
         if unavailable:
             raise unavailable[0]
+        return out
+
+    async def _read_one_by_one(self, db: int, keys: list[_Key]) -> list[KeyRecord | KeyReadError]:
+        out: list[KeyRecord | KeyReadError] = []
+        for k in keys:
+            try:
+                out += await self._source.read(db, [k.key], [k.max_id])
+            except ResponseError as exc:
+                out.append(KeyReadError(k.key, f"source refused to read the key: {exc}"))
         return out
 
     async def _write(

@@ -185,3 +185,131 @@ async def test_the_source_restarted_with_its_data(
         differences=0,
         drain_seconds=drain,
     )
+
+
+async def test_a_subscriber_dropped_by_the_output_buffer_limit_is_healed(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    pipeline.start(commands)
+    c = source.client()
+    # A tiny pubsub buffer: a flood of events outruns the bridge, and Redis drops it.
+    c.config_set("client-output-buffer-limit", "pubsub 8kb 4kb 1")
+    log = source.dir / "redis.log"
+
+    def dropped() -> int:
+        return log.read_text(errors="replace").count("for overcoming of output buffer limits")
+
+    writer = Writer(source)
+    writer.start()
+    flooded = 0
+    try:
+        for burst in range(20):
+            pipe = c.pipeline(transaction=False)
+            for i in range(5_000):
+                pipe.set(f"flood:{burst}:{i}:" + "x" * 100, i)
+            pipe.execute()
+            flooded += 5_000
+            if dropped():
+                break
+    finally:
+        writer.stop()
+    disconnections = dropped()
+    keys, drain = await settle(pipeline, target)
+    assert disconnections >= 1, "the flood never overflowed the subscriber's buffer"
+    assert "reconnect" in pipeline.bridge.output()
+    fault_report(
+        injected=f"{disconnections} subscriber disconnections (client-output-buffer-limit)",
+        changes=writer.changes + flooded,
+        keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
+
+
+async def test_a_poison_key_is_dead_lettered_and_blocks_nothing(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    # The uploaders' user may not read poison:*: its DUMP fails every time.
+    source.client().execute_command(
+        "ACL", "SETUSER", "uploader", "on", ">up-pw", "~w:*", "~ok:*", "+@all"
+    )
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    up_url = f"redis://uploader:up-pw@127.0.0.1:{source.port}/0"
+    for u in pipeline.uploaders:
+        u.args = (up_url, *u.args[1:], "--max-attempts", "3")
+    pipeline.start(commands)
+    writer = Writer(source)
+    writer.start()
+    c = source.client()
+    try:
+        await anyio.sleep(0.5)
+        c.set("poison:1", "unreadable")
+        for i in range(200):
+            c.set(f"ok:{i}", i)
+        await anyio.sleep(1.0)
+    finally:
+        writer.stop()
+    drain = await pipeline.drain()
+    with stream.client() as s:
+        letters = s.xrange("rrb:dead")
+    assert [f[b"key"] for _, f in letters] == [b"poison:1"]
+    reason = letters[0][1][b"reason"].decode()
+    assert "NOPERM" in reason or "permission" in reason, reason
+    status = Command("rrb-status", stream.url(), "--json", log=tmp_path / "status.log")
+    status.start()
+    assert status.proc is not None and status.proc.wait(20) == 0
+    assert '"dead_letters": 1' in status.output()
+    c.delete("poison:1")  # everything else must be exact
+    keys = await assert_backup_equals_source(source, target, pipeline.folder)
+    fault_report(
+        injected="1 key whose DUMP the uploaders' ACL user may not run",
+        changes=writer.changes + 201,
+        keys=keys,
+        dead_letters=len(letters),
+        differences=0,
+        drain_seconds=drain,
+    )
+
+
+async def test_flushall_and_swapdb_under_a_writer_converge(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    pipeline = Pipeline(source, stream, tmp_path / "backup", tmp_path)
+    pipeline.start(commands)
+    c = source.client()
+    for i in range(300):
+        source.client(1).set(f"db1:{i}", i)
+    writer = Writer(source)
+    writer.start()
+    try:
+        await anyio.sleep(1.0)
+        c.swapdb(0, 1)
+        await anyio.sleep(1.0)
+        c.flushall()
+        await anyio.sleep(1.0)
+        c.swapdb(0, 1)  # db 0 gets the (empty) db 1; the writer refills it
+        await anyio.sleep(1.0)
+    finally:
+        writer.stop()
+    keys, drain = await settle(pipeline, target)
+    assert "source_wipe" in pipeline.bridge.output()
+    fault_report(
+        injected="SWAPDB, FLUSHALL, SWAPDB under the writer",
+        changes=writer.changes,
+        keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
