@@ -105,7 +105,7 @@ def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
 
 @pytest.mark.parametrize(
     "command",
-    ["rrb", "rrb-bridge", "rrb-upload", "rrb-status", "rrb-restore"],
+    ["rrb", "rrb-bridge", "rrb-upload", "rrb-status", "rrb-restore", "rrb-verify"],
 )
 def test_a_wrong_redis_password_is_refused_without_showing_it(
     locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, command: str

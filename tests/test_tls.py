@@ -249,6 +249,7 @@ def _drained(c: redis.Redis) -> bool:
         ("rrb-bridge", []),
         ("rrb-upload", ["--storage", "{folder}"]),
         ("rrb", ["--storage", "{folder}"]),
+        ("rrb-verify", ["--storage", "{folder}"]),
     ],
 )
 def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
@@ -280,6 +281,7 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
         ("rrb-bridge", []),
         ("rrb-upload", ["--storage", "{folder}"]),
         ("rrb", ["--storage", "{folder}"]),
+        ("rrb-verify", ["--storage", "{folder}"]),
     ],
 )
 def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
