@@ -249,9 +249,7 @@ class BatchProcessor:
             held.append(k)
             (covered if not k.force and grant.covers(k.max_id) else to_write).append(k)
         try:
-            out = await self._read_and_write(work, to_write)
-            if out.written:
-                await self._flush()
+            out = await self._write_round(work, token, held, to_write)
         except BaseException:
             await self._let_go(token, held)
             raise
@@ -283,8 +281,43 @@ class BatchProcessor:
                 self._stats.redone += 1
                 self._log.info("upload.lease_lost", db=k.db, key=_show(k.key))
 
-    async def _read_and_write(self, work: _Work, to_write: list[_Key]) -> _Outcome:
-        """Read ``to_write``, then write those whose state storage lacks.
+    async def _write_round(
+        self, work: _Work, token: str, held: list[_Key], to_write: list[_Key]
+    ) -> _Outcome:
+        """Read and write ``to_write`` and flush, renewing ``held`` leases meanwhile."""
+        in_flight: set[_Key] = set()
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_leases, token, held, in_flight)
+            try:
+                out = await self._read_and_write(work, to_write, in_flight)
+                if out.written:
+                    await self._flush()
+            except Exception as exc:
+                failure = exc  # raised below, not wrapped in the task group's ExceptionGroup
+            finally:
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return out
+
+    async def _keep_leases(self, token: str, held: list[_Key], in_flight: set[_Key]) -> None:
+        """Renew the round's leases every third of a lease, except those of keys whose storage
+        call is in flight: a hung call must lose its lease (see :mod:`rrb_streams.lease`).
+        Without this, a round longer than a lease would lose all its leases and redo every
+        key, round after round."""
+        interval = self._leases.lease_s / 3
+        while True:
+            await anyio.sleep(interval)
+            keep = [(k.db, k.hash) for k in held if k not in in_flight]
+            with contextlib.suppress(*TRANSIENT):
+                await self._leases.renew(token, keep)
+
+    async def _read_and_write(
+        self, work: _Work, to_write: list[_Key], in_flight: set[_Key]
+    ) -> _Outcome:
+        """Read ``to_write``, then write those whose state storage lacks; ``in_flight`` holds
+        the keys whose storage call has not returned.
 
         Raises the first transient storage error after every write of the round has ended.
         """
@@ -326,7 +359,7 @@ class BatchProcessor:
 
         async def writer() -> None:
             for k, rec, digest in pending:
-                await self._write(work, k, rec, digest, out, unavailable)
+                await self._write(work, k, rec, digest, out, unavailable, in_flight)
 
         # A few writers taking turns at one list cost less than a task per key; more than
         # the limiter admits would only queue.
@@ -354,6 +387,7 @@ class BatchProcessor:
         digest: bytes | None,
         out: _Outcome,
         unavailable: list[Exception],
+        in_flight: set[_Key],
     ) -> None:
         prefix = self._cfg.path_prefix
         if self._cfg.versioning:
@@ -366,6 +400,7 @@ class BatchProcessor:
             self._limiter.acquire_nowait()
         except anyio.WouldBlock:
             await self._limiter.acquire()
+        in_flight.add(k)
         try:
             # fail_after() without its generator: this runs once per key.
             with anyio.CancelScope(deadline=anyio.current_time() + self._call_timeout) as scope:
@@ -380,6 +415,7 @@ class BatchProcessor:
             unavailable.append(exc)
             return
         finally:
+            in_flight.discard(k)
             self._limiter.release()
         if scope.cancelled_caught:
             unavailable.append(

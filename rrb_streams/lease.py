@@ -22,6 +22,13 @@ the lease, to the stream's last entry id as seen right after taking the lease (n
 newest entry of its batch), so every change already in the stream when it read is covered. This
 is what turns a hot key's thousands of changes into a handful of PUTs.
 
+**Renewal.** A round can outlast one lease: hundreds of keys written to a slow store. Its
+holder renews its leases while the round makes progress, but never the lease of a key whose
+storage call is in flight: a call that hangs past the lease must lose it, so that another
+uploader can write the key and the hung call's late landing is redone (see above). A key
+not yet written, or whose write has returned, is safe to keep: no write of ours for it can
+land later.
+
 **The stored-keys index.** The acquire also reads the key's field of the index
 (:mod:`rrb_streams.index`), and the release script updates it, in the same token check as the
 done marker: a holder that lost its lease leaves the index alone, and its redo writes whatever
@@ -139,6 +146,21 @@ end
 return out
 """
 
+# KEYS: leases. ARGV: token, lease ms. Extends each lease still holding the token; returns
+# per key 1 when extended, 0 when it was no longer ours.
+_RENEW = """
+local out = {}
+for i, lease in ipairs(KEYS) do
+  if redis.call('GET', lease) == ARGV[1] then
+    redis.call('PEXPIRE', lease, ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -174,6 +196,12 @@ class Leases:
         self._lease_ms = max(1, int(lease_s * 1000))
         self._acquire = r.register_script(_ACQUIRE)
         self._release = r.register_script(_RELEASE)
+        self._renew = r.register_script(_RENEW)
+
+    @property
+    def lease_s(self) -> float:
+        """How long a lease lasts unless renewed."""
+        return self._lease_ms / 1000
 
     @staticmethod
     def new_token() -> str:
@@ -229,6 +257,18 @@ class Leases:
             start += CHUNK
             if start >= len(keys):
                 return grants, tail
+
+    async def renew(self, token: str, keys: Sequence[tuple[int, str]]) -> list[bool]:
+        """Extend every ``(db, key_hash)`` lease still held with ``token`` by a full lease:
+        one script call per :data:`CHUNK` keys. Returns, per key, whether it was still ours.
+
+        The caller must leave out keys whose storage call is in flight (see the module
+        docstring)."""
+        ours: list[bool] = []
+        for start in range(0, len(keys), CHUNK):
+            leases = [self._own.lease(db, h) for db, h in keys[start : start + CHUNK]]
+            ours += [bool(x) for x in await self._renew(keys=leases, args=[token, self._lease_ms])]
+        return ours
 
     async def release(self, token: str, items: Sequence[Release]) -> list[bool]:
         """Release leases held with ``token``, advancing done markers and updating the index:

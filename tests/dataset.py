@@ -51,6 +51,20 @@ def snapshot(c: redis.Redis, db: int = 0, own_prefix: bytes = b"rrb:") -> Snapsh
     return out
 
 
+def difference(expected: Snapshot, got: Snapshot, examples: int = 5) -> str:
+    """How ``got`` differs from ``expected``, with a few keys of each kind; "" when equal."""
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    differ = [k for k in expected if k in got and got[k] != expected[k]]
+    if not (missing or extra or differ):
+        return ""
+    shown = [f"{k}: {got[k]!r}, expected {expected[k]!r}" for k in differ[:examples]]
+    return (
+        f"missing {len(missing)} {missing[:examples]}; extra {len(extra)} {extra[:examples]}; "
+        f"different {len(differ)}: " + "; ".join(shown)
+    )
+
+
 async def restore_latest(storage: Storage, target: redis.Redis, prefix: str = "") -> int:
     """RESTORE every latest-state object under ``prefix`` into ``target``. Returns the count."""
     count = 0

@@ -54,6 +54,26 @@ async def test_lease_release_with_a_lost_token_changes_nothing(r: Redis) -> None
 
 
 @pytest.mark.anyio
+async def test_lease_renew_extends_only_leases_still_ours(r: Redis) -> None:
+    a = leases(r, lease_s=0.3)
+    other = (0, "cd" * 32)
+    await a.acquire([KEY, other], "mine")
+    await r.set(OWN.lease(*other), "theirs")  # lost to another holder
+    keys = [KEY, other, (0, "ef" * 32)]  # the last was never taken
+    for _ in range(4):  # 0.6 s in all: twice the lease
+        await anyio.sleep(0.15)
+        assert await a.renew("mine", keys) == [True, False, False]
+    assert await r.get(OWN.lease(*KEY)) == b"mine"
+    assert 0 < await r.pttl(OWN.lease(*KEY)) <= 300
+    assert await r.get(OWN.lease(*other)) == b"theirs"
+    assert await r.pttl(OWN.lease(*other)) == -1  # untouched: no expiry of ours put on it
+    assert await r.exists(OWN.lease(0, "ef" * 32)) == 0
+    assert await a.renew("mine", [(0, f"{i:064x}") for i in range(CHUNK + 1)]) == [False] * (
+        CHUNK + 1
+    )
+
+
+@pytest.mark.anyio
 async def test_lease_done_marker_only_moves_forward(r: Redis) -> None:
     a = leases(r)
     steps = [

@@ -461,6 +461,40 @@ async def test_upload_last_write_wins_over_a_slow_stale_writer(redis_server: Red
     assert slow.stats.redone == 1
 
 
+class _SlowPuts(MemoryStorage):
+    """Every put takes ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def put(self, name: str, data: bytes) -> None:
+        await anyio.sleep(self.delay)
+        await super().put(name, data)
+
+
+@pytest.mark.anyio
+async def test_upload_round_longer_than_a_lease_keeps_its_leases(
+    redis_server: RedisServer,
+) -> None:
+    # 40 keys, one writer, 50 ms a put: a 2 s round, ten times the lease. Without renewal
+    # every lease runs out before the release and the round redoes every key, forever.
+    storage = _SlowPuts(0.05)
+    u = Uploader(config(redis_server, lease=0.2, concurrency=1), storage)
+    with redis_server.client() as c:
+        keys = [f"k{i}" for i in range(40)]
+        for k in keys:
+            c.set(k, k)
+        note(c, *keys)
+        async with running(u):
+            await until(lambda: drained(c), within=20)
+    assert u.stats.redone == 0
+    assert storage.puts == 40
+    for k in keys:
+        rec = latest(storage, k.encode())
+        assert rec is not None and rec.key == k.encode()
+
+
 @pytest.mark.anyio
 async def test_upload_trims_acked_entries_but_never_pending_ones(
     redis_server: RedisServer,

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from rrb_streams.storage.fs import FsStorage
-from tests.dataset import restore_latest, snapshot
+from tests.dataset import difference, restore_latest, snapshot
 from tests.faults.proc import Command
 from tests.pipeline import wait_drained
 from tests.servers import RedisServer, wait_for
@@ -67,7 +67,7 @@ async def assert_backup_equals_source(
         with target.client() as t, source.client() as c:
             await restore_latest(storage, t)
             expected = snapshot(c)
-            assert snapshot(t) == expected
+            assert not difference(expected, snapshot(t)), difference(expected, snapshot(t))
             return len(expected)
     finally:
         await storage.close()

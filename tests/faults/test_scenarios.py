@@ -15,7 +15,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from rrb_streams.storage.s3 import S3Storage
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.dataset import difference, restore_latest, snapshot
 from tests.faults.proc import Command
+from tests.faults.proxy import Proxy
 from tests.faults.test_kill import Writer, assert_backup_equals_source
 from tests.pipeline import wait_drained
 from tests.servers import RedisServer, wait_for
@@ -37,7 +41,17 @@ def commands() -> Iterator[list[Command]]:
 class Pipeline:
     """A bridge and two uploaders as real processes, the stream on its own Redis."""
 
-    def __init__(self, source: RedisServer, stream: RedisServer, folder: Path, logs: Path):
+    def __init__(
+        self,
+        source: RedisServer,
+        stream: RedisServer,
+        folder: Path,
+        logs: Path,
+        *,
+        storage: str | None = None,
+        env: dict[str, str] | None = None,
+        lease: float = 2.0,
+    ):
         self.source, self.stream, self.folder = source, stream, folder
         self.bridge = Command(
             "rrb-bridge", source.url(), "--stream-url", stream.url(), log=logs / "bridge.log"
@@ -49,14 +63,15 @@ class Pipeline:
                 "--stream-url",
                 stream.url(),
                 "--storage",
-                str(folder),
+                storage or str(folder),
                 "--claim-idle",
                 "1",
                 "--lease",
-                "2",
+                str(lease),
                 "--consumer",
                 f"up-{i}",
                 log=logs / f"upload{i}.log",
+                **(env or {}),
             )
             for i in range(2)
         ]
@@ -73,7 +88,12 @@ class Pipeline:
     async def drain(self) -> float:
         """Seconds from now until every change is uploaded."""
         started = time.monotonic()
-        await wait_drained(self.stream.url(), within=90)
+        try:
+            await wait_drained(self.stream.url(), within=90)
+        except TimeoutError as exc:
+            with self.stream.client() as c:
+                state = c.xinfo_groups("rrb:changes")
+            raise AssertionError(f"the pipeline did not drain in 90 s: {state}") from exc
         return round(time.monotonic() - started, 2)
 
 
@@ -310,6 +330,85 @@ async def test_flushall_and_swapdb_under_a_writer_converge(
         injected="SWAPDB, FLUSHALL, SWAPDB under the writer",
         changes=writer.changes,
         keys=keys,
+        differences=0,
+        drain_seconds=drain,
+    )
+
+
+async def test_storage_unreachable_for_20_seconds(
+    redis_factory: Factory,
+    commands: list[Command],
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    fault_report: Callable[..., None],
+) -> None:
+    source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
+    proxy = Proxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    env = {
+        "S3_SERVER": f"http://127.0.0.1:{proxy.port}",
+        "S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "S3_SECRET_KEY": S3_SECRET_KEY,
+        "S3_REGION": "us-east-1",
+    }
+    pipeline = Pipeline(
+        source,
+        stream,
+        tmp_path / "unused",
+        tmp_path,
+        storage=f"s3://{s3_bucket}/",
+        env=env,
+    )
+    direct = S3Storage(
+        s3_bucket,
+        endpoint_url=moto_endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        region="us-east-1",
+    )
+    try:
+        pipeline.start(commands)
+        writer = Writer(source)
+        writer.start()
+        s = stream.client()
+
+        def backlog() -> int:
+            group = s.xinfo_groups("rrb:changes")[0]
+            return int(group["pending"]) + int(group["lag"] or 0)
+
+        try:
+            await anyio.sleep(1.0)
+            proxy.down()
+            await anyio.sleep(2.0)  # requests in flight when the link died fail by now
+            stored_before = len([i async for i in direct.list()])
+            backlog_before = backlog()
+            await anyio.sleep(18.0)
+            backlog_after = backlog()
+            stored_after = len([i async for i in direct.list()])
+            proxy.up()
+            await anyio.sleep(1.0)
+        finally:
+            writer.stop()
+        # Nothing reached storage while it was cut off, and the backlog only grew.
+        assert stored_after == stored_before
+        assert backlog_after > backlog_before
+        drain = await pipeline.drain()
+        with target.client() as t, source.client() as c:
+            await restore_latest(direct, t)
+            expected = snapshot(c)
+            found = difference(expected, snapshot(t))
+            assert not found, f"{found}; dead letters: {s.xrange('rrb:dead', count=5)}"
+            keys = len(expected)
+        assert s.xlen("rrb:dead") == 0
+        assert "upload.retry" in pipeline.uploaders[0].output() + pipeline.uploaders[1].output()
+    finally:
+        proxy.close()
+        await direct.close()
+    fault_report(
+        injected=f"storage cut off for 20 s ({proxy.refused} connections refused)",
+        changes=writer.changes,
+        keys=keys,
+        backlog_growth=backlog_after - backlog_before,
         differences=0,
         drain_seconds=drain,
     )
