@@ -489,7 +489,7 @@ def status(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
-    async def body() -> None:
+    async def body() -> int:
         from rrb_streams.status import collect, render
 
         r = connect(cfg.stream_url, name="rrb-status", tls=cfg.tls)
@@ -498,7 +498,19 @@ def status(argv: Sequence[str] | None = None) -> int:
             result = await collect(r, cfg.own)
         finally:
             await r.aclose()
-        print(result.to_json() if cfg.as_json else render(result))
+        if cfg.as_json:
+            print(result.to_json())
+        elif result.exists:
+            print(render(result))
+        if result.exists:
+            return 0
+        # A monitor pointed at the wrong Redis, db or prefix must not read this as healthy.
+        sys.stderr.write(
+            f"{p.prog}: error: no change stream {result.stream!r} at "
+            f"{redact_url(cfg.stream_url)} (no bridge has run against it, or the URL, db or "
+            "--own-prefix is wrong)\n"
+        )
+        return 1
 
     return _execute(p.prog, args.debug, body)
 
@@ -638,7 +650,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
     async def body() -> int:
         from rrb_streams.planner import preview
         from rrb_streams.progress import Progress
-        from rrb_streams.restore import Restorer, require_versions
+        from rrb_streams.restore import Restorer, require_backup, require_versions
         from rrb_streams.restore_report import (
             exit_status,
             render_preview,
@@ -654,6 +666,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
             raise DependencyError(f"storage folder {folder} does not exist: nothing to restore")
         storage = await _open_checked_storage(cfg.storage)
         try:
+            await require_backup(cfg, storage)
             await require_versions(cfg, storage)
             if cfg.dry_run:
                 plan = await preview(

@@ -132,6 +132,27 @@ def _finish(key: _Key, stats: PlanStats) -> Item | None:
     return Item(key.group, tuple(i.name for i in names), size)
 
 
+async def find_backup(
+    listing: AsyncIterable[ObjectInfo], prefix: str, *, legacy: bool
+) -> tuple[bool, bool]:
+    """Whether ``listing`` holds any object of the format (latest state or version), and,
+    when it holds none, whether it holds objects of the other format.
+
+    Stops at the first object of the format, so it is quick on any real backup.
+    """
+    other = False
+    async for info in listing:
+        ours = parse_legacy_name(info.name, prefix) if legacy else parse_name(info.name, prefix)
+        if ours is not None:
+            return True, False
+        if not other:
+            theirs = (
+                parse_name(info.name, prefix) if legacy else parse_legacy_name(info.name, prefix)
+            )
+            other = theirs is not None
+    return False, other
+
+
 async def has_versions(listing: AsyncIterable[ObjectInfo], prefix: str, *, legacy: bool) -> bool:
     """Whether any object of ``listing`` is a version (needed before ``--at`` makes sense).
 

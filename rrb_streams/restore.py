@@ -45,7 +45,7 @@ from rrb_streams.config import RestoreConfig
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, DependencyError, StorageError
 from rrb_streams.logs import get_logger
-from rrb_streams.plan import has_versions
+from rrb_streams.plan import find_backup, has_versions
 from rrb_streams.planner import Planner
 from rrb_streams.progress import Progress
 from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
@@ -427,6 +427,30 @@ async def probe_target(target: Redis, cfg: RestoreConfig) -> tuple[int, float]:
             f"cannot reach the target Redis at {redact_url(cfg.target_url)}: {exc}"
         ) from exc
     return rdb_version(payload), offset_ms
+
+
+async def require_backup(cfg: RestoreConfig, storage: Storage) -> None:
+    """Raise ``DependencyError`` when storage holds no backup object under the prefix: a
+    mistyped ``--storage``, ``-P`` or ``--format`` must not look like a restore of nothing."""
+    found, other = await find_backup(
+        storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy
+    )
+    if found:
+        return
+    where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
+    if other and cfg.legacy:
+        raise DependencyError(
+            f"{where} holds rrb objects, none of the original tool: drop --format legacy"
+        )
+    if other:
+        raise DependencyError(
+            f"{where} holds objects of the original tool, no rrb objects: add --format legacy"
+        )
+    kind = "legacy-format" if cfg.legacy else "rrb"
+    raise DependencyError(
+        f"{where} holds no {kind} backup objects: nothing to restore "
+        "(check --storage, -P and --format)"
+    )
 
 
 async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:

@@ -125,6 +125,20 @@ CASES = [
         ("{root}/no-such-backup",),
     ),
     Case(
+        "restore-wrong-prefix",
+        "rrb-restore",
+        ("{src}", "--storage", "{backup}", "-P", "no-such-prefix/"),
+        1,
+        ("{backup}/no-such-prefix", "no rrb backup objects"),
+    ),
+    Case(
+        "restore-wrong-format",
+        "rrb-restore",
+        ("{src}", "--storage", "{backup}", "--format", "legacy"),
+        1,
+        ("{backup}", "drop --format legacy"),
+    ),
+    Case(
         "restore-folder-under-a-file",
         "rrb-restore",
         ("{src}", "--storage", "{file}/sub"),
@@ -290,8 +304,15 @@ CASES = [
         ("redis://127.0.0.1:{src_port}/x",),
         env={"REDIS_SERVER": "redis://127.0.0.1:{src_port}/x"},
     ),
-    # No change stream yet is a state, not an error: one line that says so, and exit 0.
-    Case("status-no-stream-yet", "rrb-status", ("{src}",), 0, ("rrb:changes", "does not exist")),
+    # An empty Redis: no bridge has run there, or the URL, db or prefix is wrong.
+    Case("status-no-stream", "rrb-status", ("{src}",), 1, ("'rrb:changes'", "{src}")),
+    Case(
+        "status-no-stream-own-prefix",
+        "rrb-status",
+        ("{src}", "--own-prefix", "other:"),
+        1,
+        ("'other:changes'", "--own-prefix"),
+    ),
 ]
 
 

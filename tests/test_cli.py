@@ -90,10 +90,12 @@ def test_status_reports_pending_lag_and_drained(
 def test_status_on_a_redis_without_stream(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.status([redis_server.url(), "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    assert cli.status([redis_server.url(), "--json"]) == 1
+    out = capsys.readouterr()
+    data = json.loads(out.out)
     assert data["exists"] is False
     assert data["drained"] is False
+    assert "no change stream 'rrb:changes'" in out.err
 
 
 def test_upload_stops_at_start_naming_an_unusable_folder(

@@ -302,11 +302,12 @@ def test_cli_on_objects_of_the_original_tool_without_format_legacy_says_so(
         key = b"user:%d" % i
         (folder / legacy_name(key, 1_700_000_000 + i)).write_bytes(encode_legacy(key, b"v"))
     result = run_cli(target.url(), "--storage", str(folder), *FAST)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("Restore finished: 0 keys restored")
-    assert "  ignored: 3 objects that are not rrb objects" in lines
-    assert "objects of the original tool need --format legacy" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"rrb-restore: error: file://{folder} holds objects of the original tool, no rrb objects: "
+        "add --format legacy\n"
+    )
     with target.client() as t:
         assert total_keys(t) == 0
 
@@ -318,18 +319,20 @@ def test_cli_on_objects_of_the_original_tool_without_format_legacy_says_so(
         assert own_keys(t) == {}
 
 
-def test_cli_on_an_empty_backup_finishes_with_nothing_to_do(
+def test_cli_on_an_empty_backup_says_there_is_nothing_to_restore(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    # A mistyped folder or -P must not look like a successful restore.
     folder = tmp_path / "empty"
     folder.mkdir()
+    (folder / "notes.txt").write_text("not a backup object\n")
     result = run_cli(redis_server.url(), "--storage", str(folder), "--json", *FAST)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
-    assert data["finished"] is True
-    assert data["run_totals"]["restored"] == data["run_totals"]["objects_listed"] == 0
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "holds no rrb backup objects: nothing to restore" in result.stderr
     with redis_server.client() as t:
         assert total_keys(t) == 0
+        assert own_keys(t) == {}
 
 
 def test_cli_unreachable_or_read_only_target_is_one_line_and_exit_1(
