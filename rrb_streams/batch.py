@@ -50,6 +50,7 @@ from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
 from rrb_streams.index import Stored
 from rrb_streams.layout import key_hash, latest_name, version_name
 from rrb_streams.lease import Leases, Release
+from rrb_streams.metrics import Metrics
 from rrb_streams.retrying import Retrying
 from rrb_streams.source import KeyReadError, Source
 from rrb_streams.storage.base import Storage
@@ -110,6 +111,7 @@ class _Outcome:
 
     failures: dict[_Key, str] = field(default_factory=dict)  # failed for good, with reasons
     written: dict[_Key, bytes | None] = field(default_factory=dict)  # digest; None: absent
+    read_at_us: list[int] = field(default_factory=list)  # of the written keys, for the lag
     unchanged: list[_Key] = field(default_factory=list)  # storage held the state already
 
 
@@ -140,8 +142,10 @@ class BatchProcessor:
         stats: UploadStats,
         in_hand: set[str],
         log: Any,
+        metrics: Metrics | None = None,
     ) -> None:
         self._cfg = cfg
+        self._metrics = metrics
         self._storage = storage
         self._r = stream_r
         self._source = source
@@ -150,7 +154,7 @@ class BatchProcessor:
         self._stats = stats
         self._in_hand = in_hand  # entries read and not yet acknowledged, shared with the reader
         self._log = log
-        self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff)
+        self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff, metrics=metrics)
         self._call_timeout = cfg.lease * CALL_TIMEOUT_LEASES
         self._target = index.storage_target(
             storage.description, cfg.path_prefix, versioning=cfg.versioning
@@ -293,6 +297,8 @@ class BatchProcessor:
                 out = await self._read_and_write(work, to_write, in_flight)
                 if out.written:
                     await self._flush()
+                    if self._metrics is not None:
+                        self._metrics.stored(out.read_at_us)
             except Exception as exc:
                 failure = exc  # raised below, not wrapped in the task group's ExceptionGroup
             finally:
@@ -338,6 +344,8 @@ class BatchProcessor:
             for k, res in zip(keys, results, strict=True):
                 if isinstance(res, KeyReadError):
                     out.failures[k] = res.reason
+                    if self._metrics is not None:
+                        self._metrics.error("upload", "KeyReadError")
                 else:
                     records.append((k, res))
         writes: list[tuple[_Key, KeyRecord, bytes | None]] = []
@@ -410,6 +418,8 @@ class BatchProcessor:
                     await self._storage.put(name, data)
         except ObjectRejected as exc:
             out.failures[k] = f"storage rejected {name}: {exc}"
+            if self._metrics is not None:
+                self._metrics.error("upload", "ObjectRejected")
             return
         except (StorageError, OSError) as exc:
             unavailable.append(exc)
@@ -423,6 +433,7 @@ class BatchProcessor:
             )
             return
         out.written[k] = digest
+        out.read_at_us.append(rec.read_at_us)
         if rec.tombstone:
             self._stats.deletes += 1
             work.tally["deletes"] += 1

@@ -48,6 +48,7 @@ from rrb_streams.config import BridgeConfig
 from rrb_streams.connections import connect, ping, redact_url, url_db
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
+from rrb_streams.metrics import Metrics
 from rrb_streams.notify import (
     channel_pattern,
     channel_patterns,
@@ -78,14 +79,17 @@ async def _wipe_calls(r: Redis) -> dict[str, int]:
 class _Backoff:
     """Capped exponential backoff for one retry loop; resets (and says so once) on success."""
 
-    def __init__(self, log: Any, event: str, cap: float) -> None:
+    def __init__(self, log: Any, event: str, cap: float, metrics: Metrics | None = None) -> None:
         self._log = log
         self._event = event
         self._cap = cap
+        self._metrics = metrics
         self.errors = 0
 
     async def failed(self, exc: BaseException) -> None:
         self.errors += 1
+        if self._metrics is not None:
+            self._metrics.retried("bridge", exc)
         delay = min(self._cap, _BACKOFF_BASE * 2 ** (self.errors - 1))
         self._log.warning(
             self._event, consecutive_errors=self.errors, error=str(exc), retry_in=delay
@@ -101,8 +105,9 @@ class _Backoff:
 class Bridge:
     """Copies keyspace notifications of the source into the change stream, and heals gaps."""
 
-    def __init__(self, cfg: BridgeConfig) -> None:
+    def __init__(self, cfg: BridgeConfig, metrics: Metrics | None = None) -> None:
         self._cfg = cfg
+        self._metrics = metrics
         self._own = cfg.own
         self._db = url_db(cfg.source_url)
         self._log = get_logger("bridge", stream=self._own.stream)
@@ -158,8 +163,14 @@ class Bridge:
                                 self._gaps,
                                 self._client,
                                 self._stream,
-                                _Backoff(self._log, "bridge.rescan_failed", cfg.max_backoff),
+                                _Backoff(
+                                    self._log,
+                                    "bridge.rescan_failed",
+                                    cfg.max_backoff,
+                                    self._metrics,
+                                ),
                                 self._log,
+                                metrics=self._metrics,
                             )
                             producers.start_soon(rescanner.run, send)
                             producers.start_soon(self._watch_loop)
@@ -212,7 +223,7 @@ class Bridge:
         db = None if cfg.all_dbs else self._db
         channel = channel_pattern(db, cfg.pattern)
         patterns = channel_patterns(db, cfg.pattern, self._own.prefix)
-        backoff = _Backoff(self._log, "bridge.subscribe_failed", cfg.max_backoff)
+        backoff = _Backoff(self._log, "bridge.subscribe_failed", cfg.max_backoff, self._metrics)
         while True:
             pubsub = subscriber.pubsub()
             error: BaseException | None = None
@@ -325,7 +336,7 @@ class Bridge:
     # -- the writer --------------------------------------------------------------------------
 
     async def _write_loop(self, stream: Redis, receive: MemoryObjectReceiveStream[Change]) -> None:
-        backoff = _Backoff(self._log, "bridge.write_failed", self._cfg.max_backoff)
+        backoff = _Backoff(self._log, "bridge.write_failed", self._cfg.max_backoff, self._metrics)
         async with receive:
             while True:
                 try:
@@ -359,5 +370,7 @@ class Bridge:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
+            if self._metrics is not None:
+                self._metrics.bridged(batch)
             self._log.debug("bridge.batch_written", entries=len(batch))
             return

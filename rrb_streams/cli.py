@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from rrb_streams import __version__
+from rrb_streams import __version__, observe
 from rrb_streams.config import (
     FORMATS,
     IF_EXISTS,
@@ -319,10 +319,12 @@ def bridge(argv: Sequence[str] | None = None) -> int:
     _add_stream_options(p)
     _add_bridge_options(p)
     _add_tls_options(p)
+    observe.add_options(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet)
     try:
         cfg = _bridge_config(args)
+        where = observe.endpoint(args)
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -330,18 +332,26 @@ def bridge(argv: Sequence[str] | None = None) -> int:
         from rrb_streams.bridge import Bridge
         from rrb_streams.service import serve
 
-        component = Bridge(cfg)
-        await serve(
-            [component],
-            grace=10.0,
-            on_started=lambda: get_logger("bridge").info(
-                "bridge.started",
-                source=redact_url(cfg.source_url),
-                stream=redact_url(cfg.effective_stream_url),
-                pattern=cfg.pattern,
-                all_dbs=cfg.all_dbs,
-            ),
-        )
+        metrics = observe.metrics_for(where)
+        component = Bridge(cfg, metrics)
+        async with observe.observing(
+            where,
+            metrics,
+            redis=[("source Redis", cfg.source_url), ("stream Redis", cfg.effective_stream_url)],
+            tls=cfg.tls,
+            stream=(cfg.effective_stream_url, cfg.own),
+        ):
+            await serve(
+                [component],
+                grace=10.0,
+                on_started=lambda: get_logger("bridge").info(
+                    "bridge.started",
+                    source=redact_url(cfg.source_url),
+                    stream=redact_url(cfg.effective_stream_url),
+                    pattern=cfg.pattern,
+                    all_dbs=cfg.all_dbs,
+                ),
+            )
 
     return _execute(p.prog, args.debug, body)
 
@@ -356,10 +366,12 @@ def upload(argv: Sequence[str] | None = None) -> int:
     _add_stream_options(p)
     _add_upload_options(p, "concurrent storage writes in this process (default: 4)")
     _add_tls_options(p)
+    observe.add_options(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet)
     try:
         cfg = _upload_config(args, _writable_storage(args))
+        where = observe.endpoint(args)
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -369,19 +381,31 @@ def upload(argv: Sequence[str] | None = None) -> int:
 
         storage = await _open_checked_storage(cfg.storage)
         try:
-            uploader = Uploader(cfg, storage)
-            await serve(
-                [uploader],
-                grace=cfg.grace,
-                on_started=lambda: get_logger("upload").info(
-                    "upload.started",
-                    storage=cfg.storage.description,
-                    prefix=cfg.path_prefix,
-                    consumer=cfg.consumer,
-                    concurrency=cfg.concurrency,
-                    versioning=cfg.versioning,
-                ),
-            )
+            metrics = observe.metrics_for(where)
+            uploader = Uploader(cfg, storage, metrics)
+            async with observe.observing(
+                where,
+                metrics,
+                redis=[
+                    ("source Redis", cfg.source_url),
+                    ("stream Redis", cfg.effective_stream_url),
+                ],
+                tls=cfg.tls,
+                storage=storage,
+                stream=(cfg.effective_stream_url, cfg.own),
+            ):
+                await serve(
+                    [uploader],
+                    grace=cfg.grace,
+                    on_started=lambda: get_logger("upload").info(
+                        "upload.started",
+                        storage=cfg.storage.description,
+                        prefix=cfg.path_prefix,
+                        consumer=cfg.consumer,
+                        concurrency=cfg.concurrency,
+                        versioning=cfg.versioning,
+                    ),
+                )
         finally:
             with anyio.CancelScope(shield=True):
                 await storage.close()
@@ -400,6 +424,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     _add_bridge_options(p)
     _add_upload_options(p, "upload workers: concurrent storage writes (default: 4)")
     _add_tls_options(p)
+    observe.add_options(p)
     args = p.parse_args(argv)
     # On a terminal the start-up summary speaks for rrb; routine logs would bury it.
     configure(
@@ -410,6 +435,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     try:
         bridge_cfg = _bridge_config(args)
         upload_cfg = _upload_config(args, _writable_storage(args))
+        where = observe.endpoint(args)
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -431,7 +457,11 @@ def rrb(argv: Sequence[str] | None = None) -> int:
             lines.append("[*] Versioning enabled: every change is kept")
         storage = await _open_checked_storage(upload_cfg.storage)
         try:
-            components: list[Component] = [Bridge(bridge_cfg), Uploader(upload_cfg, storage)]
+            metrics = observe.metrics_for(where)
+            components: list[Component] = [
+                Bridge(bridge_cfg, metrics),
+                Uploader(upload_cfg, storage, metrics),
+            ]
 
             def started() -> None:
                 _say(
@@ -454,7 +484,18 @@ def rrb(argv: Sequence[str] | None = None) -> int:
                     consumer=upload_cfg.consumer,
                 )
 
-            await serve(components, grace=upload_cfg.grace, on_started=started)
+            async with observe.observing(
+                where,
+                metrics,
+                redis=[
+                    ("source Redis", bridge_cfg.source_url),
+                    ("stream Redis", bridge_cfg.effective_stream_url),
+                ],
+                tls=bridge_cfg.tls,
+                storage=storage,
+                stream=(bridge_cfg.effective_stream_url, bridge_cfg.own),
+            ):
+                await serve(components, grace=upload_cfg.grace, on_started=started)
         finally:
             with anyio.CancelScope(shield=True):
                 await storage.close()
@@ -639,11 +680,13 @@ def restore(argv: Sequence[str] | None = None) -> int:
         help="on SIGTERM, time to finish in-flight objects (default: 10)",
     )
     _add_tls_options(p)
+    observe.add_options(p)
     args = p.parse_args(argv)
     tty = sys.stderr.isatty() and not args.quiet
     configure(debug=args.debug, quiet=args.quiet, default_level="WARNING" if tty else "INFO")
     try:
         cfg = _restore_config(args, parse_storage_url(args.storage))
+        where = observe.endpoint(args)
     except ConfigError as exc:
         return _usage_error(p.prog, exc)
 
@@ -674,7 +717,8 @@ def restore(argv: Sequence[str] | None = None) -> int:
                 )
                 print(render_preview(plan, cfg, as_json=args.json))
                 return 0
-            restorer = Restorer(cfg, storage, progress=Progress(tty=tty, log=log))
+            metrics = observe.metrics_for(where)
+            restorer = Restorer(cfg, storage, progress=Progress(tty=tty, log=log), metrics=metrics)
             _say(
                 [
                     f"[*] Restoring {cfg.storage.description}{cfg.path_prefix} into "
@@ -683,7 +727,17 @@ def restore(argv: Sequence[str] | None = None) -> int:
                 ],
                 args.quiet,
             )
-            await serve([restorer], grace=cfg.grace)
+            async with observe.observing(
+                where,
+                metrics,
+                redis=[
+                    ("target Redis", cfg.target_url),
+                    ("stream Redis", cfg.effective_stream_url),
+                ],
+                tls=cfg.tls,
+                storage=storage,
+            ):
+                await serve([restorer], grace=cfg.grace)
         finally:
             with anyio.CancelScope(shield=True):
                 await storage.close()

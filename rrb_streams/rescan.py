@@ -27,6 +27,7 @@ from rrb_streams.changes import SCAN_EVENT
 from rrb_streams.config import BridgeConfig
 from rrb_streams.connections import url_db
 from rrb_streams.index import absent_page, indexed_dbs
+from rrb_streams.metrics import Metrics
 
 # (db, raw key, event, bridge time in ms): one future stream entry.
 Change = tuple[int, bytes, str, int]
@@ -75,7 +76,8 @@ class Gaps:
 
 
 class Rescanner:
-    """Runs one rescan per burst of gaps, logging ``bridge.rescan_done`` with counts."""
+    """Runs one rescan per burst of gaps, logging ``bridge.rescan_done`` with counts (and
+    counting it in ``metrics`` under each of its reasons)."""
 
     def __init__(
         self,
@@ -85,8 +87,11 @@ class Rescanner:
         stream: Redis,
         retry: Retry,
         log: Any,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._cfg = cfg
+        self._metrics = metrics
         self._db = url_db(cfg.source_url)
         self._own = cfg.own
         self._gaps = gaps
@@ -121,6 +126,8 @@ class Rescanner:
                 dbs=dbs,
                 seconds=round(time.monotonic() - started, 3),
             )
+            if self._metrics is not None:
+                self._metrics.rescanned(reasons)
             reasons, started = [], None
 
     async def _scan(

@@ -45,6 +45,7 @@ from rrb_streams.config import RestoreConfig
 from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, DependencyError, StorageError
 from rrb_streams.logs import get_logger
+from rrb_streams.metrics import Metrics
 from rrb_streams.plan import find_backup, has_versions
 from rrb_streams.planner import Planner
 from rrb_streams.progress import Progress
@@ -61,6 +62,7 @@ from rrb_streams.restore_state import (
 from rrb_streams.retrying import Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
+from rrb_streams.storage.timed import TimedStorage
 
 TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
@@ -104,12 +106,22 @@ class Report:
 class Restorer:
     """One process of a restore run. ``storage`` belongs to the caller."""
 
-    def __init__(self, cfg: RestoreConfig, storage: Storage, *, progress: Progress | None = None):
+    def __init__(
+        self,
+        cfg: RestoreConfig,
+        storage: Storage,
+        *,
+        progress: Progress | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.cfg = cfg
-        self.storage = storage
+        self.storage = storage if metrics is None else TimedStorage(storage, metrics)
+        self._metrics = metrics
         self.run_id = run_id(cfg)
         self.keys = RunKeys(cfg.own_prefix, self.run_id)
         self.stats = ProcessStats()
+        if metrics is not None:
+            metrics.track_restore(self.stats)
         self.report: Report | None = None
         self.resumed = False
         self._progress = progress
@@ -117,7 +129,9 @@ class Restorer:
         self._stopping = StopRequest()
         self._in_hand: set[str] = set()
         self._finished = False
-        self._retrying = Retrying(self._log, "restore", "write", cap=cfg.max_backoff)
+        self._retrying = Retrying(
+            self._log, "restore", "write", cap=cfg.max_backoff, metrics=metrics
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Restore until the run is finished or :meth:`stop`; then set :attr:`report`.
@@ -206,7 +220,9 @@ class Restorer:
 
     async def _coordinate(self, state: RunState) -> None:
         """Plan the run whenever nobody else does, until the plan is complete."""
-        retrying = Retrying(self._log, "restore", "plan", cap=self.cfg.max_backoff)
+        retrying = Retrying(
+            self._log, "restore", "plan", cap=self.cfg.max_backoff, metrics=self._metrics
+        )
         while True:
             try:
                 if (await state.totals()).plan_done:
@@ -252,7 +268,9 @@ class Restorer:
 
     async def _read(self, state: RunState, send: MemoryObjectSendStream[Entry]) -> None:
         cfg = self.cfg
-        retrying = Retrying(self._log, "restore", "read", cap=cfg.max_backoff)
+        retrying = Retrying(
+            self._log, "restore", "read", cap=cfg.max_backoff, metrics=self._metrics
+        )
         next_claim = anyio.current_time()
         async with send:
             # Entries pending on this consumer name from an earlier run of it.

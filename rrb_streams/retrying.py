@@ -10,9 +10,12 @@ never failed cannot announce a recovery it did not see.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+if TYPE_CHECKING:
+    from rrb_streams.metrics import Metrics
 
 BASE_DELAY = 0.05
 
@@ -20,8 +23,18 @@ BASE_DELAY = 0.05
 class Retrying:
     """Shared retry bookkeeping for the tasks of one ``stage`` (``read``, ``batch``, …)."""
 
-    def __init__(self, log: Any, event_prefix: str, stage: str, *, cap: float) -> None:
+    def __init__(
+        self,
+        log: Any,
+        event_prefix: str,
+        stage: str,
+        *,
+        cap: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """``metrics``: where to count each failure, under the component ``event_prefix``."""
         self._log = log
+        self._metrics = metrics
         self._prefix = event_prefix
         self._stage = stage
         self._cap = cap
@@ -47,6 +60,8 @@ class Retrying:
         n = self._failing.get(task, 0) + 1
         self._failing[task] = n
         self.consecutive_errors += 1
+        if self._metrics is not None:
+            self._metrics.retried(self._prefix, exc)
         delay = min(self._cap, BASE_DELAY * 2 ** min(n - 1, 30)) * random.uniform(0.5, 1.0)
         self._log.warning(
             f"{self._prefix}.retry",

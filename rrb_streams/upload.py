@@ -48,10 +48,12 @@ from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import DependencyError
 from rrb_streams.lease import Leases
 from rrb_streams.logs import get_logger
+from rrb_streams.metrics import Metrics
 from rrb_streams.retrying import Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.source import Source
 from rrb_streams.storage.base import Storage
+from rrb_streams.storage.timed import TimedStorage
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
 _XCLAIM_CHUNK = 1000
@@ -63,10 +65,13 @@ class Uploader:
     ``storage`` belongs to the caller, who opens, checks and closes it.
     """
 
-    def __init__(self, cfg: UploadConfig, storage: Storage) -> None:
+    def __init__(self, cfg: UploadConfig, storage: Storage, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.storage = storage
         self.stats = UploadStats()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.track_upload(self.stats)
         self._source = Source(cfg.source_url, tls=cfg.tls)
         self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
         self._stopping = StopRequest()
@@ -111,9 +116,10 @@ class Uploader:
         r = connect(cfg.effective_stream_url, name="rrb-upload", tls=cfg.tls)
         try:
             await self._start(r)
+            m = self._metrics
             processor = BatchProcessor(
                 cfg,
-                self.storage,
+                self.storage if m is None else TimedStorage(self.storage, m),
                 r,
                 self._source,
                 Leases(r, cfg.own, cfg.own.stream, lease_s=cfg.lease),
@@ -121,6 +127,7 @@ class Uploader:
                 self.stats,
                 self._in_hand,
                 self._log,
+                m,
             )
             task_status.started()
             async with anyio.create_task_group() as background:
@@ -166,7 +173,7 @@ class Uploader:
 
     async def _read(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
         cfg = self.cfg
-        retrying = Retrying(self._log, "upload", "read", cap=cfg.max_backoff)
+        retrying = Retrying(self._log, "upload", "read", cap=cfg.max_backoff, metrics=self._metrics)
         swept = False
         group_missing = False
         next_claim = anyio.current_time()

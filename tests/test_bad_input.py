@@ -281,6 +281,21 @@ CASES = [
         ("--grace -1",),
     ),
     Case(
+        "rrb-metrics-port-out-of-range",
+        "rrb",
+        ("{src}", "--storage", "{backup}", "--metrics-port", "70000"),
+        2,
+        ("--metrics-port '70000'",),
+    ),
+    Case(
+        "restore-bad-metrics-port-variable",
+        "rrb-restore",
+        ("{src}", "--storage", "{backup}"),
+        2,
+        ("RRB_METRICS_PORT 'http'",),
+        env={"RRB_METRICS_PORT": "http"},
+    ),
+    Case(
         "upload-negative-linger",
         "rrb-upload",
         ("{src}", "--storage", "{backup}", "--linger", "-1"),

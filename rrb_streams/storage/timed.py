@@ -1,0 +1,83 @@
+"""A storage wrapper that times every call and counts the bytes written, for the metrics.
+
+Calls pass through unchanged, errors included; each one's duration is observed in
+``rrb_storage_call_seconds{op=...}`` whether it succeeded or not, and the bytes of each
+successful ``put`` are added to ``rrb_upload_bytes_total``. A listing is passed through
+untimed: it is a stream of pages, not one call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from rrb_streams.errors import ObjectNotFound
+from rrb_streams.metrics import Metrics
+from rrb_streams.storage.base import ObjectInfo, Storage
+
+
+class TimedStorage:
+    """Wraps ``inner``; see the module docstring. ``close`` is passed through untimed."""
+
+    def __init__(self, inner: Storage, metrics: Metrics) -> None:
+        self.inner = inner
+        seconds = metrics.storage_seconds
+        self._put = seconds.labels("put")
+        self._get = seconds.labels("get")
+        self._get_many = seconds.labels("get_many")
+        self._delete = seconds.labels("delete")
+        self._flush = seconds.labels("flush")
+        self._bytes = metrics.upload_bytes
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def put(self, name: str, data: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.put(name, data)
+        finally:
+            self._put.observe(time.perf_counter() - started)
+        self._bytes.inc(len(data))
+
+    async def get(self, name: str) -> bytes:
+        started = time.perf_counter()
+        try:
+            return await self.inner.get(name)
+        finally:
+            self._get.observe(time.perf_counter() - started)
+
+    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        started = time.perf_counter()
+        try:
+            return await self.inner.get_many(names)
+        finally:
+            self._get_many.observe(time.perf_counter() - started)
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    async def delete(self, name: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.delete(name)
+        finally:
+            self._delete.observe(time.perf_counter() - started)
+
+    async def flush(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.flush()
+        finally:
+            self._flush.observe(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _conforms(storage: TimedStorage) -> Storage:
+    return storage  # the type checker proves TimedStorage is a Storage
