@@ -207,6 +207,9 @@ class MetricsServer:
                         await conn.send(reply)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self._log.debug("metrics.connection_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # A fault in answering one request must never stop the process's real work.
+            self._log.error("metrics.request_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             limiter.release()
 
