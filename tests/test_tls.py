@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from rrb_streams import cli
+from rrb_streams.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.tls import TlsOptions
 from tests.dataset import snapshot
@@ -236,6 +237,14 @@ def test_rrb_over_tls_from_the_environment_and_rrb_status(
     assert '"rrb:changes"' in shown.stdout or "rrb:changes" in shown.stdout
 
 
+def _backup_folder(folder: Path) -> None:
+    """A folder with one backup object's name in it: rrb-restore refuses a folder without one
+    before it connects anywhere, and these tests are about the connection."""
+    name = folder / latest_name("", 0, b"k")
+    name.parent.mkdir(parents=True)
+    name.write_bytes(b"not read: the connection fails first")
+
+
 def _drained(c: redis.Redis) -> bool:
     groups = c.xinfo_groups("rrb:changes")
     return bool(groups) and all(g["pending"] == 0 and g.get("lag") == 0 for g in groups)
@@ -256,7 +265,7 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
     tls_redis: TlsFactory, pki: Pki, tmp_path: Path, command: str, extra: list[str]
 ) -> None:
     server = tls_redis()
-    (tmp_path / "backup").mkdir()
+    _backup_folder(tmp_path / "backup")
     args = [a.format(folder=tmp_path / "backup") for a in extra]
     result = _run(
         command,
@@ -288,7 +297,7 @@ def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
     tls_redis: TlsFactory, pki: Pki, tmp_path: Path, command: str, extra: list[str]
 ) -> None:
     server = tls_redis()
-    (tmp_path / "backup").mkdir()
+    _backup_folder(tmp_path / "backup")
     args = [a.format(folder=tmp_path / "backup") for a in extra]
     result = _run(command, server.tls_url(), *args, "--tls-ca", pki.ca)
     assert result.returncode == 1, result.stderr
