@@ -5,7 +5,12 @@ gone. Every moment when events may have been missed is a *gap*, healed by a SCAN
 keys into the stream (``ev="scan"``), and of the keys the stored-keys index lists that no longer
 exist (see :mod:`rrb_streams.rescan`). Gaps are:
 
-- ``startup``: the first subscription;
+- ``startup``: the first subscription; ``takeover`` when this bridge stood by first, or led
+  before and lost the lease. Of several bridges for one source only the holder of the leader
+  lease subscribes and writes (see :mod:`rrb_streams.leader`), and each of its terms begins
+  with this gap;
+- ``lease_lapsed``: the leader's lease ran out with no other bridge taking it (a long pause,
+  a stream Redis restarted empty), and the leader took it back;
 - ``reconnect``: every later subscription, whether the bridge re-subscribed after an error or
   redis-py reconnected and re-subscribed on its own inside ``get_message``;
 - ``source_restart`` / ``stream_restart``: a ``run_id`` changed, seen by a periodic INFO;
@@ -47,6 +52,7 @@ from rrb_streams.changes import DEFAULT_GROUP, ensure_group, entry_fields
 from rrb_streams.config import BridgeConfig
 from rrb_streams.connections import connect, ping, redact_url, url_db
 from rrb_streams.errors import DependencyError
+from rrb_streams.leader import Leadership
 from rrb_streams.logs import get_logger
 from rrb_streams.metrics import Metrics
 from rrb_streams.notify import (
@@ -56,7 +62,6 @@ from rrb_streams.notify import (
     parse_channel,
 )
 from rrb_streams.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
-from rrb_streams.resp import pipeline
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
 _BACKOFF_BASE = 0.1
@@ -121,19 +126,25 @@ class Bridge:
         self._clients: dict[int, Redis] = {}
         self._source: Redis | None = None
         self._stream: Redis | None = None
+        self._leadership: Leadership | None = None
+        self._announced = False
+        self._term_reason = "startup"
 
     def stop(self) -> None:
         """Ask ``run`` to stop reading, write what it already read, and return."""
         self._stop_requested = True
         if self._producers is not None:
             self._producers.cancel()
+        if self._leadership is not None:
+            self._leadership.stop()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()`` (then return normally) or cancellation.
 
         Raises ``DependencyError`` when the source or stream Redis is unreachable at start, and
         ``NotificationsRefused`` when keyspace notifications cannot be enabled. Calls
-        ``task_status.started()`` once subscribed, before the startup rescan finishes.
+        ``task_status.started()`` once subscribed, before the startup rescan finishes, or once
+        standing by while another bridge leads (see :mod:`rrb_streams.leader`).
         """
         cfg = self._cfg
         self._source = source = connect(cfg.source_url, name="rrb-bridge", tls=cfg.tls)
@@ -146,42 +157,70 @@ class Bridge:
         subscriber = connect(cfg.source_url, name="rrb-bridge-sub", tls=cfg.tls)
         try:
             await self._prepare(source, self._stream)
-            send, receive = anyio.create_memory_object_stream[Change](cfg.batch_size)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_loop, self._stream, receive)
-                # Producers share ``send``; closing it once they are all done lets the writer
-                # drain what is buffered and return.
-                async with send:
-                    with anyio.CancelScope() as self._producers:
-                        if self._stop_requested:
-                            self._producers.cancel()
-                        async with anyio.create_task_group() as producers:
-                            await producers.start(self._subscribe_loop, subscriber, send)
-                            task_status.started()
-                            rescanner = Rescanner(
-                                cfg,
-                                self._gaps,
-                                self._client,
-                                self._stream,
-                                _Backoff(
-                                    self._log,
-                                    "bridge.rescan_failed",
-                                    cfg.max_backoff,
-                                    self._metrics,
-                                ),
-                                self._log,
-                                metrics=self._metrics,
-                            )
-                            producers.start_soon(rescanner.run, send)
-                            producers.start_soon(self._watch_loop)
-            if not self._subscribed:
-                task_status.started()  # stopped before subscribing: nothing left to wait for
+            self._leadership = Leadership(
+                self._stream,
+                self._own,
+                lease_s=cfg.leader_lease,
+                log=self._log,
+                lapsed=lambda: self._gaps.report("lease_lapsed"),
+            )
+            if self._stop_requested:
+                self._leadership.stop()
+            await self._leadership.serve(
+                lambda reason: self._lead(subscriber, reason, task_status),
+                standing_by=lambda: self._announce(task_status),
+            )
+            self._announce(task_status)  # stopped before subscribing: nothing left to wait for
             self._log.info("bridge.stopped")
         finally:
             with anyio.move_on_after(5, shield=True):
                 for client in {id(c): c for c in (*self._clients.values(), self._stream)}.values():
                     await client.aclose()
                 await subscriber.aclose()
+
+    async def _lead(self, subscriber: Redis, reason: str, task_status: TaskStatus[None]) -> None:
+        """One term as the leader: subscribe, rescan (for ``reason``), forward events and heal
+        gaps until ``stop()``; then write what was read and return. Cancelled when the lease
+        is lost, dropping whatever it holds: the next leader's rescan covers it."""
+        cfg = self._cfg
+        assert self._stream is not None
+        self._gaps = Gaps(self._log)
+        self._subscribed = False
+        self._term_reason = reason
+        send, receive = anyio.create_memory_object_stream[Change](cfg.batch_size)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._write_loop, receive)
+            # Producers share ``send``; closing it once they are all done lets the writer
+            # drain what is buffered and return.
+            async with send:
+                with anyio.CancelScope() as self._producers:
+                    if self._stop_requested:
+                        self._producers.cancel()
+                    async with anyio.create_task_group() as producers:
+                        await producers.start(self._subscribe_loop, subscriber, send)
+                        self._announce(task_status)
+                        rescanner = Rescanner(
+                            cfg,
+                            self._gaps,
+                            self._client,
+                            self._stream,
+                            _Backoff(
+                                self._log,
+                                "bridge.rescan_failed",
+                                cfg.max_backoff,
+                                self._metrics,
+                            ),
+                            self._log,
+                            metrics=self._metrics,
+                        )
+                        producers.start_soon(rescanner.run, send)
+                        producers.start_soon(self._watch_loop)
+
+    def _announce(self, task_status: TaskStatus[None]) -> None:
+        """``task_status.started()``, once: when first leading, or first standing by."""
+        if not self._announced:
+            self._announced = True
+            task_status.started()
 
     async def _prepare(self, source: Redis, stream: Redis) -> None:
         cfg = self._cfg
@@ -275,7 +314,7 @@ class Bridge:
         self._subscribed = True
         self._log.info("bridge.subscribed", channel=channel)
         task_status.started()
-        self._gaps.report("startup")
+        self._gaps.report(self._term_reason)
 
     async def _forward(
         self, send: MemoryObjectSendStream[Change], channel: bytes, event: bytes
@@ -335,7 +374,7 @@ class Bridge:
 
     # -- the writer --------------------------------------------------------------------------
 
-    async def _write_loop(self, stream: Redis, receive: MemoryObjectReceiveStream[Change]) -> None:
+    async def _write_loop(self, receive: MemoryObjectReceiveStream[Change]) -> None:
         backoff = _Backoff(self._log, "bridge.write_failed", self._cfg.max_backoff, self._metrics)
         async with receive:
             while True:
@@ -348,28 +387,23 @@ class Bridge:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self._write(stream, batch, backoff)
+                await self._write(batch, backoff)
 
-    async def _write(self, stream: Redis, batch: list[Change], backoff: _Backoff) -> None:
-        """XADD ``batch`` in one pipeline, retrying until it is in (a retry may duplicate
-        entries, which is harmless: uploaders read the key's current state)."""
-        name = self._own.stream.encode()
-        commands = [
-            (b"XADD", name, b"*", *chain.from_iterable(entry_fields(*change).items()))
-            for change in batch
-        ]
+    async def _write(self, batch: list[Change], backoff: _Backoff) -> None:
+        """XADD ``batch`` in one fenced script call, retrying until it is in (a retry may
+        duplicate entries, which is harmless: uploaders read the key's current state). If
+        another bridge leads, nothing is written and the term is cancelled."""
+        assert self._leadership is not None
+        entries = [tuple(chain.from_iterable(entry_fields(*c).items())) for c in batch]
         while True:
             try:
-                failed = next(
-                    (r for r in await pipeline(stream, commands) if isinstance(r, Exception)),
-                    None,
-                )
-                if failed is not None:
-                    raise failed
+                written = await self._leadership.xadd(entries)
             except RETRYABLE as exc:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
+            if not written:
+                return
             if self._metrics is not None:
                 self._metrics.bridged(batch)
             self._log.debug("bridge.batch_written", entries=len(batch))

@@ -51,6 +51,11 @@ class OwnKeys:
         """The stored-keys index of ``db``: a hash of raw key to the digest of its stored state."""
         return f"{self.prefix}index:{db}"
 
+    @property
+    def leader(self) -> str:
+        """The bridges' leader lease: the token of the one bridge that may write the stream."""
+        return f"{self.prefix}bridge:leader"
+
     def is_own(self, key: bytes) -> bool:
         """Whether ``key`` is one of ours and must never be backed up."""
         return key.startswith(self.prefix.encode())

@@ -144,6 +144,14 @@ def _add_bridge_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not touch CONFIG: notify-keyspace-events is already set (managed Redis)",
     )
+    p.add_argument(
+        "--leader-lease",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="of several bridges for one source, one leads; a standby takes over this long "
+        "after the leader died (default: 10)",
+    )
 
 
 def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> None:
@@ -212,6 +220,7 @@ def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
         all_dbs=args.all_dbs,
         own_prefix=args.own_prefix,
         assume_notifications=args.assume_notifications,
+        leader_lease=args.leader_lease,
         tls=_tls(args),
     ).validate()
 

@@ -6,6 +6,7 @@ password and secret key, so a config is always safe to log.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field, fields
@@ -59,6 +60,7 @@ class BridgeConfig(_Masked):
     max_backoff: float = 10.0
     # Managed Redis often blocks CONFIG while the parameter group already sets the flags.
     assume_notifications: bool = False  # never read or set notify-keyspace-events
+    leader_lease: float = 10.0  # seconds; a standby takes over this long after a crash
     tls: TlsOptions = NO_TLS
 
     @property
@@ -80,8 +82,10 @@ class BridgeConfig(_Masked):
             raise ConfigError("invalid --own-prefix '': must not be empty")
         for name in ("batch_size", "scan_count"):
             _positive(name, getattr(self, name))
-        for name in ("watch_interval", "max_backoff"):
+        for name in ("watch_interval", "max_backoff", "leader_lease"):
             _positive(name, getattr(self, name))
+        if not math.isfinite(self.leader_lease):
+            raise ConfigError(f"invalid --leader-lease {self.leader_lease!r}: must be finite")
         return self
 
 
