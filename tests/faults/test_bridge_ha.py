@@ -181,7 +181,8 @@ async def test_leader_killed_9_a_standby_takes_over_within_the_lease(
     assert len(took) == 1, took  # exactly one standby took over
     assert took[0]["reason"] == "takeover"
     assert 0 < takeover <= LEASE + MARGIN
-    assert takeover <= first_entry <= LEASE + MARGIN + 1
+    # Entry ids are whole milliseconds of the stream Redis's clock.
+    assert takeover - 0.002 <= first_entry <= LEASE + MARGIN + 1
     assert cluster.leader() is not leader
     assert writer.changes > 1000 and keys > 100
 
