@@ -316,8 +316,11 @@ class BatchProcessor:
         while True:
             await anyio.sleep(interval)
             keep = [(k.db, k.hash) for k in held if k not in in_flight]
-            with contextlib.suppress(*TRANSIENT):
+            try:
                 await self._leases.renew(token, keep)
+            except TRANSIENT as exc:
+                # A lease that lapses costs a redo of its key, never a change: keep going.
+                self._log.warning("upload.lease_renew_failed", keys=len(keep), error=str(exc))
 
     async def _read_and_write(
         self, work: _Work, to_write: list[_Key], in_flight: set[_Key]

@@ -152,7 +152,8 @@ _RENEW = """
 local out = {}
 for i, lease in ipairs(KEYS) do
   if redis.call('GET', lease) == ARGV[1] then
-    redis.call('PEXPIRE', lease, ARGV[2])
+    -- SET rather than PEXPIRE: the same commands as the acquire, so the same ACL rules
+    redis.call('SET', lease, ARGV[1], 'PX', ARGV[2])
     out[i] = 1
   else
     out[i] = 0

@@ -85,6 +85,16 @@ class Pipeline:
         with self.stream.client() as s:
             wait_for(lambda: s.exists("rrb:changes") == 1)
 
+    def wait_uploaders_joined(self) -> None:
+        """Until every uploader has read from the group: past its start-up checks."""
+        with self.stream.client() as s:
+
+            def joined() -> bool:
+                consumers = s.xinfo_consumers("rrb:changes", "rrb-upload")
+                return len(consumers) == len(self.uploaders)
+
+            wait_for(joined, timeout=30)
+
     async def drain(self) -> float:
         """Seconds from now until every change is uploaded."""
         started = time.monotonic()
@@ -368,6 +378,8 @@ async def test_storage_unreachable_for_20_seconds(
     )
     try:
         pipeline.start(commands)
+        # The uploaders check storage at start: cut it only once they are past that.
+        pipeline.wait_uploaders_joined()
         writer = Writer(source)
         writer.start()
         s = stream.client()
