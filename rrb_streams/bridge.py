@@ -164,6 +164,9 @@ class Bridge:
                 log=self._log,
                 lapsed=lambda: self._gaps.report("lease_lapsed"),
             )
+            if self._metrics is not None:
+                leadership = self._leadership
+                self._metrics.watch_leadership(lambda: leadership.leading)
             if self._stop_requested:
                 self._leadership.stop()
             await self._leadership.serve(

@@ -12,7 +12,7 @@ the restore's process stats) are not counted twice: a collector reads them at sc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -84,6 +84,7 @@ class Metrics:
         ProcessCollector(registry=r)
         self._upload_stats: list[UploadStats] = []
         self._restore_stats: list[ProcessStats] = []
+        self._leader_gauge: Gauge | None = None
         r.register(_StatsCollector(self))
 
         self.bridge_events = Counter(
@@ -163,6 +164,17 @@ class Metrics:
         )
 
     # -- recording ------------------------------------------------------------------------
+
+    def watch_leadership(self, leading: Callable[[], bool]) -> None:
+        """Export ``rrb_bridge_leader``: 1 while ``leading()``, read at scrape time. A later
+        call (the bridge run again) replaces the earlier callable."""
+        if self._leader_gauge is None:
+            self._leader_gauge = Gauge(
+                "rrb_bridge_leader",
+                "1 while this bridge holds the leader lease and writes, 0 while it stands by.",
+                registry=self.registry,
+            )
+        self._leader_gauge.set_function(lambda: 1.0 if leading() else 0.0)
 
     def bridged(self, changes: Iterable[tuple[int, bytes, str, int]]) -> None:
         """Count a batch of changes the bridge wrote to the stream."""

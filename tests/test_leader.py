@@ -23,6 +23,7 @@ from rrb_streams.changes import OwnKeys, entry_fields, parse_entry
 from rrb_streams.config import BridgeConfig
 from rrb_streams.leader import Leadership
 from rrb_streams.logs import get_logger
+from rrb_streams.metrics import Metrics
 from tests.servers import RedisServer, child_env, wait_for
 
 OWN = OwnKeys()
@@ -229,7 +230,13 @@ def config(server: RedisServer, **kwargs: Any) -> BridgeConfig:
 async def test_two_bridges_only_the_leader_writes_and_a_stopped_leader_hands_over(
     redis_server: RedisServer,
 ) -> None:
-    first, second = Bridge(config(redis_server, leader_lease=1)), Bridge(config(redis_server))
+    m1, m2 = Metrics(), Metrics()
+    first = Bridge(config(redis_server, leader_lease=1), metrics=m1)
+    second = Bridge(config(redis_server), metrics=m2)
+
+    def leading() -> list[float | None]:
+        return [m.registry.get_sample_value("rrb_bridge_leader") for m in (m1, m2)]
+
     with capture_logs() as logs, anyio.fail_after(30):
         async with anyio.create_task_group() as tg, client(redis_server) as r:
             await tg.start(first.run)
@@ -252,8 +259,10 @@ async def test_two_bridges_only_the_leader_writes_and_a_stopped_leader_hands_ove
             await arrived(b"once")
             await anyio.sleep(0.5)
             assert await entries(b"once") == 1  # both are subscribed; one writes
+            assert leading() == [1.0, 0.0]
             first.stop()
             await wait_log(logs, event="bridge.rescan_done", reasons=["takeover"])
+            assert leading() == [0.0, 1.0]
             await r.set("after", "v")
             await arrived(b"after")
             second.stop()

@@ -417,6 +417,7 @@ def test_rrb_metrics_move_with_writes_and_readiness_follows_the_stream_redis(
         wait_for(lambda: scrape(port)["rrb_stream_length"] >= 50, timeout=15)
         after = scrape(port)
         assert after["rrb_bridge_events_total"] >= 50
+        assert after["rrb_bridge_leader"] == 1  # the only bridge leads
         assert after["rrb_upload_entries_total"] >= 50
         assert after["rrb_upload_bytes_total"] > 50 * 1000
         assert after['rrb_storage_call_seconds_count{op="put"}'] == 50
