@@ -154,13 +154,18 @@ def _add_bridge_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> None:
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    """``--storage`` and ``-P``: where the backup is, for every command that touches it."""
     p.add_argument(
         "--storage",
         metavar="URL",
         help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
     )
-    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of every object name")
+    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+
+
+def _add_upload_options(p: argparse.ArgumentParser, concurrency_help: str) -> None:
+    _add_storage_options(p)
     p.add_argument("-c", "--concurrency", type=int, default=4, metavar="N", help=concurrency_help)
     p.add_argument(
         "--versioning",
@@ -601,12 +606,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
         "--at. Running the same command again resumes; more processes may join.",
         "target Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
     )
-    p.add_argument(
-        "--storage",
-        metavar="URL",
-        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
-    )
-    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+    _add_storage_options(p)
     p.add_argument(
         "-c",
         "--concurrency",
@@ -770,12 +770,7 @@ def verify(argv: Sequence[str] | None = None) -> int:
         "objects. Exit status 0 only when all three are 0, 3 when differences were found.",
         "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
     )
-    p.add_argument(
-        "--storage",
-        metavar="URL",
-        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
-    )
-    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+    _add_storage_options(p)
     p.add_argument("--match", default="*", metavar="GLOB", help="check only keys matching GLOB")
     p.add_argument(
         "--all-dbs", action="store_true", help="check every database, not only the URL's"
