@@ -44,8 +44,29 @@ class _Masked:
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
+class _OwnKeys:
+    """``own``: rrb's own key names, under the settings' ``own_prefix``."""
+
+    own_prefix: str
+
+    @property
+    def own(self) -> OwnKeys:
+        return OwnKeys(self.own_prefix)
+
+
+class _SourceStream(_OwnKeys):
+    """``effective_stream_url``: the change stream's Redis, the source unless ``stream_url``."""
+
+    source_url: str
+    stream_url: str | None
+
+    @property
+    def effective_stream_url(self) -> str:
+        return self.stream_url or self.source_url
+
+
 @dataclass(frozen=True, repr=False)
-class BridgeConfig(_Masked):
+class BridgeConfig(_SourceStream, _Masked):
     """Settings of ``rrb-bridge``: where to listen and where to write the change stream."""
 
     source_url: str
@@ -62,14 +83,6 @@ class BridgeConfig(_Masked):
     assume_notifications: bool = False  # never read or set notify-keyspace-events
     leader_lease: float = 10.0  # seconds; a standby takes over this long after a crash
     tls: TlsOptions = NO_TLS
-
-    @property
-    def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
-
-    @property
-    def effective_stream_url(self) -> str:
-        return self.stream_url or self.source_url
 
     def validate(self) -> BridgeConfig:
         validate_url(self.source_url, "source Redis URL")
@@ -90,7 +103,7 @@ class BridgeConfig(_Masked):
 
 
 @dataclass(frozen=True, repr=False)
-class UploadConfig(_Masked):
+class UploadConfig(_SourceStream, _Masked):
     """Settings of ``rrb-upload``: the consumer group, the storage, and the retry policy."""
 
     source_url: str
@@ -111,14 +124,6 @@ class UploadConfig(_Masked):
     trim_interval: float = 5.0
     max_backoff: float = 30.0
     tls: TlsOptions = NO_TLS
-
-    @property
-    def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
-
-    @property
-    def effective_stream_url(self) -> str:
-        return self.stream_url or self.source_url
 
     def validate(self) -> UploadConfig:
         validate_url(self.source_url, "source Redis URL")
@@ -142,17 +147,13 @@ class UploadConfig(_Masked):
 
 
 @dataclass(frozen=True, repr=False)
-class StatusConfig(_Masked):
+class StatusConfig(_OwnKeys, _Masked):
     """Settings of ``rrb-status``."""
 
     stream_url: str
     own_prefix: str = DEFAULT_OWN_PREFIX
     as_json: bool = False
     tls: TlsOptions = NO_TLS
-
-    @property
-    def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
 
     def validate(self) -> StatusConfig:
         validate_url(self.stream_url, "stream Redis URL")
@@ -165,7 +166,7 @@ FORMATS = ("rrb", "legacy")
 
 
 @dataclass(frozen=True, repr=False)
-class RestoreConfig(_Masked):
+class RestoreConfig(_OwnKeys, _Masked):
     """Settings of ``rrb-restore``: what to restore from where, into which Redis, and how.
 
     Everything that changes *what* is restored (storage, prefix, target, filters, ``--at``,
@@ -192,10 +193,6 @@ class RestoreConfig(_Masked):
     grace: float = 10.0
     max_backoff: float = 5.0
     tls: TlsOptions = NO_TLS
-
-    @property
-    def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
 
     @property
     def effective_stream_url(self) -> str:
@@ -255,7 +252,7 @@ class RestoreConfig(_Masked):
 
 
 @dataclass(frozen=True, repr=False)
-class VerifyConfig(_Masked):
+class VerifyConfig(_SourceStream, _Masked):
     """Settings of ``rrb-verify``: which source and storage to compare, and how."""
 
     source_url: str
@@ -271,14 +268,6 @@ class VerifyConfig(_Masked):
     scan_count: int = 1000  # SCAN COUNT on the source
     max_pending: int = 10_000  # differences waiting for their re-check
     tls: TlsOptions = NO_TLS
-
-    @property
-    def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
-
-    @property
-    def effective_stream_url(self) -> str:
-        return self.stream_url or self.source_url
 
     def validate(self) -> VerifyConfig:
         validate_url(self.source_url, "source Redis URL")
