@@ -42,10 +42,11 @@ import anyio
 
 from bench.common import command, median, rss_mb
 from bench.common import redis as start_redis
-from rrb_streams import codec, layout, resp
+from rrb_streams.format import codec, layout
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.s3 import S3Storage
+from rrb_streams.wire import resp
 from tests.servers import free_port
 
 VALUE = b"v" * 64

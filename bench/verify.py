@@ -28,7 +28,7 @@ import anyio
 
 from bench.common import command, median, rss_mb
 from bench.common import redis as start_redis
-from rrb_streams import codec, layout
+from rrb_streams.format import codec, layout
 from rrb_streams.storage.fs import FsStorage
 
 VALUE = b"v" * 64

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from rrb_streams import __version__, observe
+from rrb_streams import __version__
 from rrb_streams.config import (
     FORMATS,
     IF_EXISTS,
@@ -27,9 +27,9 @@ from rrb_streams.config import (
     UploadConfig,
     VerifyConfig,
 )
-from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, DependencyError, RrbError
 from rrb_streams.logs import configure, get_logger
+from rrb_streams.ops import observe
 from rrb_streams.storage.url import (
     SSE_MODES,
     StorageSpec,
@@ -37,7 +37,8 @@ from rrb_streams.storage.url import (
     parse_storage_url,
     with_sse,
 )
-from rrb_streams.tls import TlsOptions
+from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.tls import TlsOptions
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 
@@ -343,7 +344,7 @@ def bridge(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> None:
-        from rrb_streams.bridge import Bridge
+        from rrb_streams.backup.bridge import Bridge
         from rrb_streams.service import serve
 
         metrics = observe.metrics_for(where)
@@ -390,8 +391,8 @@ def upload(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> None:
+        from rrb_streams.backup.upload import Uploader
         from rrb_streams.service import serve
-        from rrb_streams.upload import Uploader
 
         storage = await _open_checked_storage(cfg.storage)
         try:
@@ -454,9 +455,9 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> None:
-        from rrb_streams.bridge import Bridge
+        from rrb_streams.backup.bridge import Bridge
+        from rrb_streams.backup.upload import Uploader
         from rrb_streams.service import Component, serve
-        from rrb_streams.upload import Uploader
 
         lines = [f"[*] Connecting to Redis {redact_url(bridge_cfg.source_url)}..."]
         r = connect(bridge_cfg.source_url, tls=bridge_cfg.tls)
@@ -545,7 +546,7 @@ def status(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> int:
-        from rrb_streams.status import collect, render
+        from rrb_streams.ops.status import collect, render
 
         r = connect(cfg.stream_url, name="rrb-status", tls=cfg.tls)
         try:
@@ -700,15 +701,15 @@ def restore(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> int:
-        from rrb_streams.planner import preview
-        from rrb_streams.progress import Progress
-        from rrb_streams.restore import Restorer, require_backup, require_versions
-        from rrb_streams.restore_report import (
+        from rrb_streams.ops.progress import Progress
+        from rrb_streams.restore.planner import preview
+        from rrb_streams.restore.report import (
             exit_status,
             render_preview,
             render_summary,
             summary_data,
         )
+        from rrb_streams.restore.run import Restorer, require_backup, require_versions
         from rrb_streams.service import serve
 
         log = get_logger("restore")
@@ -811,9 +812,9 @@ def verify(argv: Sequence[str] | None = None) -> int:
         return _usage_error(p.prog, exc)
 
     async def body() -> int:
-        from rrb_streams.progress import Progress
-        from rrb_streams.verify import Verifier
-        from rrb_streams.verify_report import exit_status, render
+        from rrb_streams.ops.progress import Progress
+        from rrb_streams.verify.report import exit_status, render
+        from rrb_streams.verify.verifier import Verifier
 
         log = get_logger("verify")
         folder = cfg.storage.path

@@ -11,12 +11,12 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 
-from rrb_streams.changes import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys
-from rrb_streams.connections import redact_url, url_db, validate_url
 from rrb_streams.errors import ConfigError
-from rrb_streams.layout import normalize_prefix
+from rrb_streams.format.layout import normalize_prefix
 from rrb_streams.storage.url import StorageSpec
-from rrb_streams.tls import NO_TLS, TlsOptions
+from rrb_streams.wire.changes import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys
+from rrb_streams.wire.connections import redact_url, url_db, validate_url
+from rrb_streams.wire.tls import NO_TLS, TlsOptions
 
 
 def default_consumer() -> str:
@@ -170,7 +170,7 @@ class RestoreConfig(_OwnKeys, _Masked):
     """Settings of ``rrb-restore``: what to restore from where, into which Redis, and how.
 
     Everything that changes *what* is restored (storage, prefix, target, filters, ``--at``,
-    format) makes up the run's identity; see :func:`rrb_streams.restore.run_id`.
+    format) makes up the run's identity; see :func:`rrb_streams.restore.run.run_id`.
     """
 
     target_url: str

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 if TYPE_CHECKING:
-    from rrb_streams.metrics import Metrics
+    from rrb_streams.ops.metrics import Metrics
 
 BASE_DELAY = 0.05
 

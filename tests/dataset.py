@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from rrb_streams import codec, layout
+from rrb_streams.format import codec, layout
 from rrb_streams.storage.base import Storage
 
 Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]

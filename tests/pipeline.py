@@ -11,12 +11,12 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
-from rrb_streams.bridge import Bridge
-from rrb_streams.changes import OwnKeys
+from rrb_streams.backup.bridge import Bridge
+from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import BridgeConfig, UploadConfig
-from rrb_streams.status import collect
+from rrb_streams.ops.status import collect
 from rrb_streams.storage.base import Storage
-from rrb_streams.upload import Uploader
+from rrb_streams.wire.changes import OwnKeys
 
 
 @asynccontextmanager

@@ -12,10 +12,10 @@ from typing import Any
 import anyio
 import redis
 
-from rrb_streams import codec, layout
-from rrb_streams.codec import KeyRecord
 from rrb_streams.config import RestoreConfig
-from rrb_streams.restore import Report, Restorer
+from rrb_streams.format import codec, layout
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.restore.run import Report, Restorer
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.s3 import S3Storage

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from rrb_streams.layout import latest_name
+from rrb_streams.format.layout import latest_name
 from tests.dataset import snapshot
 from tests.restoring import own_keys
 from tests.servers import RedisServer, child_env, wait_for

@@ -16,10 +16,10 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from rrb_streams.bridge import Bridge
-from rrb_streams.changes import Change, OwnKeys, parse_entry
+from rrb_streams.backup.bridge import Bridge
 from rrb_streams.config import BridgeConfig
 from rrb_streams.errors import DependencyError, NotificationsRefused
+from rrb_streams.wire.changes import Change, OwnKeys, parse_entry
 from tests.servers import RedisServer, child_env, free_port, wait_for
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rrb_streams import cli
-from rrb_streams.changes import OwnKeys, ensure_group, entry_fields
+from rrb_streams.wire.changes import OwnKeys, ensure_group, entry_fields
 from tests.servers import RedisServer
 
 

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from rrb_streams.codec import (
+from rrb_streams.errors import CorruptObject
+from rrb_streams.format.codec import (
     FORMAT_VERSION,
     MAGIC,
     KeyRecord,
@@ -16,7 +17,6 @@ from rrb_streams.codec import (
     encode,
     is_ours,
 )
-from rrb_streams.errors import CorruptObject
 
 
 def record(key: bytes = b"k", payload: bytes = b"\x00dump\xff", **changes: object) -> KeyRecord:

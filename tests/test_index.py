@@ -12,16 +12,16 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from rrb_streams import codec
-from rrb_streams.changes import OwnKeys
-from rrb_streams.index import UNKNOWN, absent_page, digest, storage_target
-from rrb_streams.layout import latest_name
-from rrb_streams.storage.faulty import FaultyStorage
+from rrb_streams.backup.upload import Uploader
+from rrb_streams.format import codec
+from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.upload import Uploader
+from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.index import UNKNOWN, absent_page, digest, storage_target
 from tests.pipeline import running_pipeline, wait_drained
 from tests.servers import RedisServer
+from tests.storage.faulty import FaultyStorage
 from tests.test_upload import (
     GROUP,
     STREAM,

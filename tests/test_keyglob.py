@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rrb_streams.keyglob import compile_glob
+from rrb_streams.wire.keyglob import compile_glob
 from tests.servers import RedisServer
 
 CASES: list[tuple[bytes, bytes, bool]] = [

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from rrb_streams.errors import ConfigError
-from rrb_streams.layout import (
+from rrb_streams.format.layout import (
     ParsedName,
     key_dir,
     key_hash,

@@ -18,12 +18,12 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from rrb_streams import cli
-from rrb_streams.bridge import Bridge
-from rrb_streams.changes import OwnKeys, entry_fields, parse_entry
+from rrb_streams.backup.bridge import Bridge
+from rrb_streams.backup.leader import Leadership
 from rrb_streams.config import BridgeConfig
-from rrb_streams.leader import Leadership
 from rrb_streams.logs import get_logger
-from rrb_streams.metrics import Metrics
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.wire.changes import OwnKeys, entry_fields, parse_entry
 from tests.servers import RedisServer, child_env, wait_for
 
 OWN = OwnKeys()

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 
 from rrb_streams.errors import CorruptObject
-from rrb_streams.layout import latest_name, version_name
-from rrb_streams.legacy import (
+from rrb_streams.format.layout import latest_name, version_name
+from rrb_streams.format.legacy import (
     LegacyName,
     decode_legacy,
     encode_legacy,

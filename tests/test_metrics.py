@@ -17,21 +17,21 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rrb_streams import observe
-from rrb_streams.changes import DEFAULT_GROUP, OwnKeys, entry_fields
+from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import ConfigError, DependencyError
-from rrb_streams.http import MAX_REQUEST, BadRequest, MetricsServer, Readiness, parse_request
-from rrb_streams.layout import latest_name
-from rrb_streams.metrics import Metrics
-from rrb_streams.restore import Restorer
-from rrb_streams.storage.faulty import FaultyStorage
+from rrb_streams.format.layout import latest_name
+from rrb_streams.ops import observe
+from rrb_streams.ops.http import MAX_REQUEST, BadRequest, MetricsServer, Readiness, parse_request
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.restore.run import Restorer
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.upload import Uploader
+from rrb_streams.wire.changes import DEFAULT_GROUP, OwnKeys, entry_fields
 from tests.faults.proc import BIN, Command
 from tests.restoring import backup_keys, fs_spec, restore_config
 from tests.servers import RedisServer, child_env, free_port, wait_for
+from tests.storage.faulty import FaultyStorage
 
 OWN = OwnKeys()
 

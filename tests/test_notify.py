@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from rrb_streams.notify import (
+from rrb_streams.backup.notify import (
     channel_pattern,
     channel_patterns,
     extended_flags,

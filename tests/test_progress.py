@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from rrb_streams.progress import Progress
+from rrb_streams.ops.progress import Progress
 
 pytestmark = pytest.mark.anyio
 

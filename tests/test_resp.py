@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from rrb_streams.resp import pack, pipeline, transaction
+from rrb_streams.wire.resp import pack, pipeline, transaction
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ import anyio
 import pytest
 import redis
 
-from rrb_streams import codec, layout
 from rrb_streams.attime import format_at
-from rrb_streams.legacy import encode_legacy, legacy_name
+from rrb_streams.format import codec, layout
+from rrb_streams.format.legacy import encode_legacy, legacy_name
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.dataset import snapshot
 from tests.restoring import (

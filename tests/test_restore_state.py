@@ -7,8 +7,8 @@ import pytest
 from redis.asyncio import Redis
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.plan import Item
-from rrb_streams.restore_state import (
+from rrb_streams.format.selection import Item
+from rrb_streams.restore.state import (
     GROUP,
     Ack,
     PlannerLockLost,

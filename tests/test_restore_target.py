@@ -9,12 +9,12 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from rrb_streams import codec, layout
 from rrb_streams.config import RestoreConfig
 from rrb_streams.errors import DependencyError
-from rrb_streams.plan import Item
-from rrb_streams.restore import Restorer
-from rrb_streams.restore_state import GROUP, RunState
+from rrb_streams.format import codec, layout
+from rrb_streams.format.selection import Item
+from rrb_streams.restore.run import Restorer
+from rrb_streams.restore.state import GROUP, RunState
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.url import StorageSpec
 from tests.servers import RedisServer

@@ -18,7 +18,7 @@ import pytest
 
 from rrb_streams import config
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
-from rrb_streams.tls import TlsOptions
+from rrb_streams.wire.tls import TlsOptions
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.servers import RedisServer, child_env, free_port, wait_for
 

@@ -8,9 +8,9 @@ import anyio
 import pytest
 from redis.exceptions import ResponseError
 
-from rrb_streams.codec import KeyRecord
 from rrb_streams.errors import DependencyError
-from rrb_streams.source import Source
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.wire.source import Source
 from tests.servers import RedisServer, free_port
 
 

@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from rrb_streams import cli
-from rrb_streams.layout import latest_name
+from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
-from rrb_streams.tls import TlsOptions
+from rrb_streams.wire.tls import TlsOptions
 from tests.dataset import snapshot
 from tests.pipeline import running_pipeline, wait_drained
 from tests.restoring import own_keys, populate_every_type

@@ -14,17 +14,17 @@ import redis
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from rrb_streams import codec
-from rrb_streams.changes import DEFAULT_GROUP, OwnKeys, entry_fields
+from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import DependencyError
-from rrb_streams.layout import key_hash, latest_name, parse_name
+from rrb_streams.format import codec
+from rrb_streams.format.layout import key_hash, latest_name, parse_name
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.faulty import FaultyStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.upload import Uploader
+from rrb_streams.wire.changes import DEFAULT_GROUP, OwnKeys, entry_fields
 from tests.dataset import restore_latest, snapshot
 from tests.servers import RedisServer, free_port
+from tests.storage.faulty import FaultyStorage
 
 OWN = OwnKeys()
 STREAM, DEAD, GROUP = OWN.stream, OWN.dead, DEFAULT_GROUP

@@ -12,14 +12,14 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from rrb_streams import codec, layout
+from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import UploadConfig, VerifyConfig
-from rrb_streams.progress import Progress
+from rrb_streams.format import codec, layout
+from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
-from rrb_streams.upload import Uploader
-from rrb_streams.verify import Verifier
-from rrb_streams.verify_report import Summary, example_name
+from rrb_streams.verify.report import Summary, example_name
+from rrb_streams.verify.verifier import Verifier
 from tests.pipeline import running_pipeline, wait_drained
 from tests.restoring import dumped_record, open_spec, put_latest, s3_spec
 from tests.servers import RedisServer

@@ -25,7 +25,7 @@ or with an object where a folder is needed
 =================================================  ======================================
 
 A filesystem cannot hold both ``a/b`` and ``a/b/c``: the second put is ``ObjectRejected``.
-Object names from :mod:`rrb_streams.layout` never collide that way.
+Object names from :mod:`rrb_streams.format.layout` never collide that way.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import anyio
 import pytest
 import redis
 
-from rrb_streams import codec, layout
-from rrb_streams.source import Source
+from rrb_streams.format import codec, layout
 from rrb_streams.storage.fs import FsStorage
+from rrb_streams.wire.source import Source
 from tests.dataset import snapshot
 from tests.faults.proc import Command
 from tests.servers import RedisServer, wait_for

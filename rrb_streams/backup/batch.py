@@ -7,8 +7,8 @@
 3. Rounds run until every key is settled. Each round:
 
    a. takes the leases of the keys that are ready and reads their done markers and their
-      fields of the stored-keys index (one script call per :data:`~rrb_streams.lease.CHUNK`
-      keys, see :mod:`rrb_streams.lease`);
+      fields of the stored-keys index (one script call per :data:`~rrb_streams.backup.lease.CHUNK`
+      keys, see :mod:`rrb_streams.backup.lease`);
    b. settles without a read every key whose done marker covers its newest entry;
    c. reads the other keys from the source, one transaction per db, and settles without a
       write every key whose state has the digest the index holds: storage has it already;
@@ -41,19 +41,20 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams import deadletter, index
-from rrb_streams.changes import id_tuple, parse_entry
-from rrb_streams.codec import KeyRecord, encode
+from rrb_streams.backup import deadletter
+from rrb_streams.backup.deadletter import DeadLetter
+from rrb_streams.backup.lease import Leases, Release
 from rrb_streams.config import UploadConfig
-from rrb_streams.deadletter import DeadLetter
 from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
-from rrb_streams.index import Stored
-from rrb_streams.layout import key_hash, latest_name, version_name
-from rrb_streams.lease import Leases, Release
-from rrb_streams.metrics import Metrics
+from rrb_streams.format.codec import KeyRecord, encode
+from rrb_streams.format.layout import key_hash, latest_name, version_name
+from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import Retrying
-from rrb_streams.source import KeyReadError, Source
 from rrb_streams.storage.base import Storage
+from rrb_streams.wire import index
+from rrb_streams.wire.changes import id_tuple, parse_entry
+from rrb_streams.wire.index import Stored
+from rrb_streams.wire.source import KeyReadError, Source
 
 #: Failures that say nothing about one entry: retry the round, acknowledge nothing new.
 TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
@@ -309,7 +310,7 @@ class BatchProcessor:
 
     async def _keep_leases(self, token: str, held: list[_Key], in_flight: set[_Key]) -> None:
         """Renew the round's leases every third of a lease, except those of keys whose storage
-        call is in flight: a hung call must lose its lease (see :mod:`rrb_streams.lease`).
+        call is in flight: a hung call must lose its lease (see :mod:`rrb_streams.backup.lease`).
         Without this, a round longer than a lease would lose all its leases and redo every
         key, round after round."""
         interval = self._leases.lease_s / 3

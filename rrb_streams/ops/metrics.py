@@ -5,8 +5,9 @@ components running side by side in one interpreter (tests do) never share a coun
 Components take ``metrics=None`` and then record nothing, so a process started without
 ``--metrics-port`` pays nothing for them.
 
-Counters that a component already keeps for its logs (:class:`~rrb_streams.batch.UploadStats`,
-the restore's process stats) are not counted twice: a collector reads them at scrape time.
+Counters that a component already keeps for its logs
+(:class:`~rrb_streams.backup.batch.UploadStats`, the restore's process stats) are not
+counted twice: a collector reads them at scrape time.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from rrb_streams.changes import SCAN_EVENT, OwnKeys
-from rrb_streams.status import StreamStatus, collect
+from rrb_streams.ops.status import StreamStatus, collect
+from rrb_streams.wire.changes import SCAN_EVENT, OwnKeys
 
 if TYPE_CHECKING:
-    from rrb_streams.batch import UploadStats
-    from rrb_streams.restore import ProcessStats
+    from rrb_streams.backup.batch import UploadStats
+    from rrb_streams.restore.run import ProcessStats
 
 POLL_INTERVAL = 5.0  # seconds between reads of the change stream's gauges
 POLL_TIMEOUT = 2.0
@@ -217,7 +218,7 @@ class Metrics:
         self._restore_stats.append(stats)
 
     def set_stream(self, status: StreamStatus) -> None:
-        """Set the stream gauges from one :func:`rrb_streams.status.collect`."""
+        """Set the stream gauges from one :func:`rrb_streams.ops.status.collect`."""
         self.stream_length.set(status.length)
         self.stream_dead_letters.set(status.dead_letters)
         # Cleared and set without an await in between: a scrape never sees a half state.

@@ -30,7 +30,7 @@ not yet written, or whose write has returned, is safe to keep: no write of ours 
 land later.
 
 **The stored-keys index.** The acquire also reads the key's field of the index
-(:mod:`rrb_streams.index`), and the release script updates it, in the same token check as the
+(:mod:`rrb_streams.wire.index`), and the release script updates it, in the same token check as the
 done marker: a holder that lost its lease leaves the index alone, and its redo writes whatever
 the index says, because its stale write may have landed after the write the index describes.
 
@@ -55,8 +55,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from rrb_streams.changes import OwnKeys, id_tuple
-from rrb_streams.index import Stored
+from rrb_streams.wire.changes import OwnKeys, id_tuple
+from rrb_streams.wire.index import Stored
 
 DONE_TTL_MS = 10 * 60 * 1000  # long enough to cover any entry still in flight for the key
 

@@ -6,7 +6,7 @@ One hash per source db on the stream Redis, ``{own}index:{db}``::
 
 A field is a key that may have a live (non-tombstone) object in storage. Its value is the
 :func:`digest` of the state that object holds, or :data:`UNKNOWN` (``-``) while a write may be
-in flight. Only a lease holder changes a field (:mod:`rrb_streams.lease`):
+in flight. Only a lease holder changes a field (:mod:`rrb_streams.backup.lease`):
 
 - before it writes or deletes a key's object it sets ``-``, so a crash between the storage call
   and the index update can never leave a digest that claims a state storage lacks (``-``
@@ -37,8 +37,8 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from rrb_streams.changes import OwnKeys
-from rrb_streams.codec import KeyRecord
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.wire.changes import OwnKeys
 
 #: The value of a field whose object may be mid-write: its stored state is unknown.
 UNKNOWN = b"-"

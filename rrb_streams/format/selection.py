@@ -1,7 +1,7 @@
 """Choosing what to restore: from a storage listing to one item per key.
 
 The listing is ascending by name, and every object of one key shares the key's folder name
-(:func:`rrb_streams.layout.key_dir`), so one pass over the listing sees each key's objects
+(:func:`rrb_streams.format.layout.key_dir`), so one pass over the listing sees each key's objects
 together: the latest-state object first, then its versions oldest first. :func:`select`
 keeps one key's candidates at a time and never holds the listing.
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
-from rrb_streams.layout import parse_name
-from rrb_streams.legacy import LegacyName, parse_legacy_name
+from rrb_streams.format.layout import parse_name
+from rrb_streams.format.legacy import LegacyName, parse_legacy_name
 from rrb_streams.storage.base import ObjectInfo
 
 

@@ -3,11 +3,11 @@
 Pub/sub is fire and forget: whatever the source publishes while the bridge is not subscribed is
 gone. Every moment when events may have been missed is a *gap*, healed by a SCAN of the watched
 keys into the stream (``ev="scan"``), and of the keys the stored-keys index lists that no longer
-exist (see :mod:`rrb_streams.rescan`). Gaps are:
+exist (see :mod:`rrb_streams.backup.rescan`). Gaps are:
 
 - ``startup``: the first subscription; ``takeover`` when this bridge stood by first, or led
   before and lost the lease. Of several bridges for one source only the holder of the leader
-  lease subscribes and writes (see :mod:`rrb_streams.leader`), and each of its terms begins
+  lease subscribes and writes (see :mod:`rrb_streams.backup.leader`), and each of its terms begins
   with this gap;
 - ``lease_lapsed``: the leader's lease ran out with no other bridge taking it (a long pause,
   a stream Redis restarted empty), and the leader took it back;
@@ -48,20 +48,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rrb_streams.changes import DEFAULT_GROUP, ensure_group, entry_fields
-from rrb_streams.config import BridgeConfig
-from rrb_streams.connections import connect, ping, redact_url, url_db
-from rrb_streams.errors import DependencyError
-from rrb_streams.leader import Leadership
-from rrb_streams.logs import get_logger
-from rrb_streams.metrics import Metrics
-from rrb_streams.notify import (
+from rrb_streams.backup.leader import Leadership
+from rrb_streams.backup.notify import (
     channel_pattern,
     channel_patterns,
     ensure_notifications,
     parse_channel,
 )
-from rrb_streams.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
+from rrb_streams.backup.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
+from rrb_streams.config import BridgeConfig
+from rrb_streams.errors import DependencyError
+from rrb_streams.logs import get_logger
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.wire.changes import DEFAULT_GROUP, ensure_group, entry_fields
+from rrb_streams.wire.connections import connect, ping, redact_url, url_db
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
 _BACKOFF_BASE = 0.1
@@ -144,7 +144,7 @@ class Bridge:
         Raises ``DependencyError`` when the source or stream Redis is unreachable at start, and
         ``NotificationsRefused`` when keyspace notifications cannot be enabled. Calls
         ``task_status.started()`` once subscribed, before the startup rescan finishes, or once
-        standing by while another bridge leads (see :mod:`rrb_streams.leader`).
+        standing by while another bridge leads (see :mod:`rrb_streams.backup.leader`).
         """
         cfg = self._cfg
         self._source = source = connect(cfg.source_url, name="rrb-bridge", tls=cfg.tls)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from rrb_streams.errors import DependencyError, RrbError
 from rrb_streams.logs import get_logger
-from rrb_streams.metrics import Metrics
+from rrb_streams.ops.metrics import Metrics
 
 MAX_REQUEST = 8192  # bytes of request line and headers
 READ_TIMEOUT = 5.0

@@ -2,8 +2,8 @@
 
 For one batch of items, :meth:`Replayer.apply`:
 
-1. fetches each item's objects and verifies them (:func:`rrb_streams.codec.decode`, or
-   :func:`rrb_streams.legacy.decode_legacy`). A damaged object is a *failure* of its item,
+1. fetches each item's objects and verifies them (:func:`rrb_streams.format.codec.decode`, or
+   :func:`rrb_streams.format.legacy.decode_legacy`). A damaged object is a *failure* of its item,
    named; nothing of it is written;
 2. of an item's records, restores the newest read at or before ``--at``; a tombstone there
    means the key was absent (*absent*);
@@ -38,15 +38,16 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from rrb_streams import codec, resp
-from rrb_streams.codec import KeyRecord
 from rrb_streams.config import RestoreConfig
-from rrb_streams.connections import connect
 from rrb_streams.errors import CorruptObject, ObjectNotFound
-from rrb_streams.keyglob import compile_glob
-from rrb_streams.layout import key_hash
-from rrb_streams.legacy import decode_legacy, parse_legacy_name
+from rrb_streams.format import codec
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.format.layout import key_hash
+from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
 from rrb_streams.storage.base import Storage
+from rrb_streams.wire import resp
+from rrb_streams.wire.connections import connect
+from rrb_streams.wire.keyglob import compile_glob
 
 RESTORED = "restored"
 EXPIRED = "expired"

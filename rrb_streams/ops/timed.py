@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from rrb_streams.errors import ObjectNotFound
-from rrb_streams.metrics import Metrics
+from rrb_streams.ops.metrics import Metrics
 from rrb_streams.storage.base import ObjectInfo, Storage
 
 

@@ -4,17 +4,17 @@ A process:
 
 1. checks the target (reachable, writable, accepts ``RESTORE``; its RDB version and clock)
    and, for ``--at``, that the backup has versions;
-2. joins the run (:mod:`rrb_streams.restore_state`), creating it when it is new;
+2. joins the run (:mod:`rrb_streams.restore.state`), creating it when it is new;
 3. runs, until the run is finished or :meth:`Restorer.stop`:
 
-   - a **coordinator** that plans the run (:class:`rrb_streams.planner.Planner`) while it
+   - a **coordinator** that plans the run (:class:`rrb_streams.restore.planner.Planner`) while it
      holds the planner lock, and takes the lock over when the planning process died;
    - a **reader**: ``XREADGROUP`` of new entries (each a batch of keys), and every
      ``claim_idle / 2`` seconds an ``XAUTOCLAIM`` of entries idle for ``claim_idle`` (their
      writer died). Entries reach the writers through a memory stream without a buffer, so at
      most ``concurrency + 1`` batches are in memory;
    - ``concurrency`` **writers**, each with one entry at a time:
-     :meth:`rrb_streams.replay.Replayer.apply`, then the ack;
+     :meth:`rrb_streams.restore.writer.Replayer.apply`, then the ack;
    - **progress**, from the run's counters, so it counts every process's work.
 
 A run is finished when the plan is complete and every entry is delivered and acknowledged;
@@ -42,15 +42,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import ConfigError, DependencyError, StorageError
+from rrb_streams.format.selection import find_backup, has_versions
 from rrb_streams.logs import get_logger
-from rrb_streams.metrics import Metrics
-from rrb_streams.plan import find_backup, has_versions
-from rrb_streams.planner import Planner
-from rrb_streams.progress import Progress
-from rrb_streams.replay import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
-from rrb_streams.restore_state import (
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.ops.progress import Progress
+from rrb_streams.ops.timed import TimedStorage
+from rrb_streams.restore.planner import Planner
+from rrb_streams.restore.state import (
     GROUP,
     Ack,
     PlannerLockLost,
@@ -59,10 +58,11 @@ from rrb_streams.restore_state import (
     Totals,
     run_id,
 )
+from rrb_streams.restore.writer import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
 from rrb_streams.retrying import Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.timed import TimedStorage
+from rrb_streams.wire.connections import connect, ping, redact_url
 
 TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long

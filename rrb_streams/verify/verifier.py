@@ -38,7 +38,7 @@ at a time; a full queue waits for its oldest to come due.
 
 **Repair.** ``--repair`` never writes storage. Each confirmed difference becomes a change-stream
 entry (event ``verify``) on the stream Redis, and its field of the stored-keys index
-(:mod:`rrb_streams.index`) is set to unknown first, so the uploader that takes the entry writes
+(:mod:`rrb_streams.wire.index`) is set to unknown first, so the uploader that takes the entry writes
 the key's current state instead of trusting the index.
 """
 
@@ -56,20 +56,21 @@ from typing import Any, cast
 import anyio
 from redis.asyncio import Redis
 
-from rrb_streams import codec, index
-from rrb_streams.changes import entry_fields
-from rrb_streams.codec import KeyRecord
 from rrb_streams.config import VerifyConfig
-from rrb_streams.connections import connect, ping, url_db
 from rrb_streams.errors import CorruptObject, ObjectNotFound
-from rrb_streams.keyglob import compile_glob
-from rrb_streams.layout import key_dir, key_hash, parse_name
+from rrb_streams.format import codec
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.format.layout import key_dir, key_hash, parse_name
+from rrb_streams.format.selection import Item, PlanStats, select
 from rrb_streams.logs import get_logger
-from rrb_streams.plan import Item, PlanStats, select
-from rrb_streams.progress import Progress
-from rrb_streams.source import KeyReadError, Source
+from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
-from rrb_streams.verify_report import EXAMPLES, Summary, example_name
+from rrb_streams.verify.report import EXAMPLES, Summary, example_name
+from rrb_streams.wire import index
+from rrb_streams.wire.changes import entry_fields
+from rrb_streams.wire.connections import connect, ping, url_db
+from rrb_streams.wire.keyglob import compile_glob
+from rrb_streams.wire.source import KeyReadError, Source
 
 REPAIR_EVENT = "verify"
 _FOOTER = 10  # DUMP ends with a 2-byte RDB version and an 8-byte CRC64
@@ -485,7 +486,7 @@ def _contains(known: array[int], key: bytes) -> bool:
 
 
 def _newest(names: Sequence[str], blobs: Sequence[bytes | ObjectNotFound]) -> _Stored:
-    """The newest of one key's candidate objects, as :mod:`rrb_streams.replay` picks it."""
+    """The newest of one key's candidate objects, as :mod:`rrb_streams.restore.writer` picks it."""
     chosen: KeyRecord | None = None
     chosen_name: str | None = None
     for name, blob in zip(names, blobs, strict=True):

@@ -21,12 +21,12 @@ from typing import Any
 
 import anyio
 
-from rrb_streams.changes import trim
 from rrb_streams.config import RestoreConfig
-from rrb_streams.legacy import parse_legacy_name
-from rrb_streams.plan import Item, PlanStats, legacy_rank, select
-from rrb_streams.restore_state import RunState
+from rrb_streams.format.legacy import parse_legacy_name
+from rrb_streams.format.selection import Item, PlanStats, legacy_rank, select
+from rrb_streams.restore.state import RunState
 from rrb_streams.storage.base import Storage
+from rrb_streams.wire.changes import trim
 
 CHUNK = 1000  # items per transaction
 FOREIGN_SHOWN = 10  # names of foreign objects logged, per planning pass

@@ -4,7 +4,7 @@
 ``RRB_METRICS_HOST``, default ``0.0.0.0``) picks the address. :func:`observing` binds the
 port before the command's components start, so a port in use stops the command at once
 (``DependencyError``: exit 1), then serves ``/metrics``, ``/healthz`` and ``/readyz``
-(:mod:`rrb_streams.http`) and keeps the change stream's gauges fresh until its block ends.
+(:mod:`rrb_streams.ops.http`) and keeps the change stream's gauges fresh until its block ends.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import anyio
 from redis.asyncio import Redis
 
-from rrb_streams.changes import OwnKeys
-from rrb_streams.connections import connect, ping
 from rrb_streams.errors import ConfigError
-from rrb_streams.http import Check, MetricsServer, Readiness
 from rrb_streams.logs import get_logger
-from rrb_streams.metrics import POLL_INTERVAL, Metrics, poll_stream
+from rrb_streams.ops.http import Check, MetricsServer, Readiness
+from rrb_streams.ops.metrics import POLL_INTERVAL, Metrics, poll_stream
 from rrb_streams.storage.base import Storage
-from rrb_streams.tls import TlsOptions
+from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.tls import TlsOptions
 
 DEFAULT_HOST = "0.0.0.0"  # scraped from other hosts, as exporters are
 PORT_ENV = "RRB_METRICS_PORT"

@@ -3,7 +3,7 @@
 A rescan of a db has two passes, both as ``scan`` changes:
 
 1. SCAN the source for the keys that exist: any of them may have changed unseen;
-2. walk the db's stored-keys index (:mod:`rrb_streams.index`) for the keys that storage holds
+2. walk the db's stored-keys index (:mod:`rrb_streams.wire.index`) for the keys that storage holds
    but the source no longer does: deleted, expired, flushed or swapped away unseen.
 
 ``Gaps`` collects the reasons (startup, reconnect, a restart) and numbers them; a rescan that
@@ -23,11 +23,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams.changes import SCAN_EVENT
 from rrb_streams.config import BridgeConfig
-from rrb_streams.connections import url_db
-from rrb_streams.index import absent_page, indexed_dbs
-from rrb_streams.metrics import Metrics
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.wire.changes import SCAN_EVENT
+from rrb_streams.wire.connections import url_db
+from rrb_streams.wire.index import absent_page, indexed_dbs
 
 # (db, raw key, event, bridge time in ms): one future stream entry.
 Change = tuple[int, bytes, str, int]

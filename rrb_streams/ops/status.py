@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rrb_streams.changes import OwnKeys, id_tuple
+from rrb_streams.wire.changes import OwnKeys, id_tuple
 
 
 @dataclass

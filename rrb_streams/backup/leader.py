@@ -44,12 +44,12 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from rrb_streams.changes import OwnKeys
+from rrb_streams.backup.rescan import RETRYABLE
 from rrb_streams.config import default_consumer
-from rrb_streams.rescan import RETRYABLE
-from rrb_streams.resp import pipeline
 from rrb_streams.retrying import Retrying
 from rrb_streams.service import StopRequest
+from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.resp import pipeline
 
 # KEYS: the lease. ARGV: token, lease ms. Returns {1} when the lease is ours now (also when it
 # already was: a retried call), else {holder, remaining ms} (-1: the holder set no expiry).

@@ -11,9 +11,9 @@ import json
 from typing import Any
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.planner import Preview
-from rrb_streams.replay import OUTCOMES
-from rrb_streams.restore import Report
+from rrb_streams.restore.planner import Preview
+from rrb_streams.restore.run import Report
+from rrb_streams.restore.writer import OUTCOMES
 
 EXIT_OK = 0
 EXIT_STOPPED = 1

@@ -7,9 +7,9 @@ An uploader process runs:
   ``claim_idle / 2`` it also ``XAUTOCLAIM``s entries idle for ``claim_idle``: those of consumers
   that died. Batches go through a memory object stream without a buffer to ``concurrency``
   batch workers, so at most ``concurrency + 1`` batches are in memory;
-- ``concurrency`` **batch workers** (:mod:`rrb_streams.batch`): leases, one source read per db,
-  storage writes (all workers share one limiter of ``concurrency`` storage calls), ``flush()``,
-  lease release, then ``XACK``. Nothing is acknowledged before storage confirmed it;
+- ``concurrency`` **batch workers** (:mod:`rrb_streams.backup.batch`): leases, one source read
+  per db, storage writes (all workers share one limiter of ``concurrency`` storage calls),
+  ``flush()``, lease release, then ``XACK``. Nothing is acknowledged before storage confirmed it;
 - a **keep-alive** task that resets the idle time of every entry this process holds
   (``XCLAIM … JUSTID`` to itself), so while it waits out a storage outage, or a batch waits in
   the stream to the workers, live consumers do not claim its work;
@@ -20,9 +20,9 @@ Redis, and read only after the lease is taken, so a later holder always stores a
 holder whose lease ran out during its write (its write may have landed after a newer one) reads
 and writes the key again. Entries whose change a stored object already covers (the key's done
 marker) are acknowledged without a read or a write, and keys whose fresh read has the digest
-the stored-keys index holds (:mod:`rrb_streams.index`) without a write. The residual case is
+the stored-keys index holds (:mod:`rrb_streams.wire.index`) without a write. The residual case is
 a storage write that the server commits after the client gave up on it: nothing redoes it
-until the key changes again. :mod:`rrb_streams.lease` has the full argument.
+until the key changes again. :mod:`rrb_streams.backup.lease` has the full argument.
 
 :meth:`Uploader.stop` stops reading, lets the workers finish and acknowledge what they hold, and
 returns. A consumer left with nothing pending is then deleted from the group, so restarts under
@@ -41,19 +41,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams.batch import TRANSIENT, Batch, BatchProcessor, Entry, UploadStats
-from rrb_streams.changes import ensure_group, trim
+from rrb_streams.backup.batch import TRANSIENT, Batch, BatchProcessor, Entry, UploadStats
+from rrb_streams.backup.lease import Leases
 from rrb_streams.config import UploadConfig
-from rrb_streams.connections import connect, ping, redact_url
 from rrb_streams.errors import DependencyError
-from rrb_streams.lease import Leases
 from rrb_streams.logs import get_logger
-from rrb_streams.metrics import Metrics
+from rrb_streams.ops.metrics import Metrics
+from rrb_streams.ops.timed import TimedStorage
 from rrb_streams.retrying import Retrying
 from rrb_streams.service import StopRequest
-from rrb_streams.source import Source
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.timed import TimedStorage
+from rrb_streams.wire.changes import ensure_group, trim
+from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.source import Source
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
 _XCLAIM_CHUNK = 1000

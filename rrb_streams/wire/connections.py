@@ -14,7 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from rrb_streams.errors import ConfigError, DependencyError
-from rrb_streams.tls import NO_TLS, TlsOptions, uses_tls
+from rrb_streams.wire.tls import NO_TLS, TlsOptions, uses_tls
 
 _SCHEMES = ("redis", "rediss", "unix")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rrb_streams.codec import KeyRecord
-from rrb_streams.connections import connect, ping, redact_url
-from rrb_streams.resp import transaction
-from rrb_streams.tls import NO_TLS, TlsOptions
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.resp import transaction
+from rrb_streams.wire.tls import NO_TLS, TlsOptions
 
 _COMMANDS_PER_KEY = 3
 

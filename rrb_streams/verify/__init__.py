@@ -1,0 +1,1 @@
+"""``rrb-verify``: the proof that storage matches the source, and its report."""
