@@ -36,7 +36,7 @@ import redis
 from bench.common import median, percentile, rss_mb, spawn, terminate, wait_until
 from bench.common import redis as start_redis
 from rrb_streams.format import layout
-from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.keys import OwnKeys
 
 OWN = OwnKeys()
 VALUE = b"v" * 64

@@ -7,7 +7,7 @@ Run from the repository root, after ``scripts/test`` made ``.venv``::
 
 Each run starts a fresh ``redis-server`` holding N string keys (64-byte values) and a change
 stream with one ``set`` entry per key, written with XADD in the bridge's format
-(:func:`rrb_streams.wire.changes.entry_fields`): the bridge is not part of the measurement. The k
+(:func:`rrb_streams.wire.entries.entry_fields`): the bridge is not part of the measurement. The k
 uploaders start with the group at the stream's end, and once all k have joined they are
 released at once (``XGROUP SETID … 0``, then one more entry that wakes their blocked reads).
 Time runs from the release until every entry was delivered and acknowledged, so process start
@@ -46,7 +46,8 @@ import redis
 from bench.backup import count_backups, raw_backup
 from bench.common import median, spawn, terminate, wait_until
 from bench.common import redis as start_redis
-from rrb_streams.wire.changes import DEFAULT_GROUP, OwnKeys, entry_fields
+from rrb_streams.wire.entries import entry_fields
+from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
 
 OWN = OwnKeys()
 VALUE = b"v" * 64

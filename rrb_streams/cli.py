@@ -37,8 +37,9 @@ from rrb_streams.storage.url import (
     parse_storage_url,
     with_sse,
 )
-from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.tls import TlsOptions
+from rrb_streams.wire.urls import redact_url
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 

@@ -7,21 +7,14 @@ password and secret key, so a config is always safe to log.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from dataclasses import dataclass, field, fields
 
 from rrb_streams.errors import ConfigError
 from rrb_streams.format.layout import normalize_prefix
 from rrb_streams.storage.url import StorageSpec
-from rrb_streams.wire.changes import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys
-from rrb_streams.wire.connections import redact_url, url_db, validate_url
+from rrb_streams.wire.keys import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys, default_consumer
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
-
-
-def default_consumer() -> str:
-    """``<hostname>-<pid>``: unique per process, readable in ``rrb-status``."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+from rrb_streams.wire.urls import redact_url, url_db, validate_url
 
 
 def _positive(name: str, value: float) -> None:

@@ -1,4 +1,11 @@
-"""Capped exponential backoff for a group of tasks that fail and recover together.
+"""Transient failures, and capped exponential backoff for the loops that retry them.
+
+:data:`TRANSIENT` is every failure that says nothing about the work itself (a Redis connection
+lost, storage unavailable): the work is retried as it is, never dead-lettered or given up on
+for that reason alone.
+
+:class:`Retrying` is the one backoff every retry loop uses, alone or in a group of tasks that
+fail and recover together.
 
 Every task backs off on its own schedule (its delay doubles with each of its own consecutive
 failures, up to a cap, and resets when it succeeds), but the log tells one story per outage:
@@ -13,15 +20,25 @@ import random
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from redis.exceptions import RedisError
+
+from rrb_streams.errors import StorageError
 
 if TYPE_CHECKING:
     from rrb_streams.ops.metrics import Metrics
+
+#: Failures to retry after a backoff: Redis or storage unreachable, a connection lost. (A
+#: storage error that retrying cannot fix, ``ObjectRejected``, is caught closer to its call.)
+TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
 
 BASE_DELAY = 0.05
 
 
 class Retrying:
-    """Shared retry bookkeeping for the tasks of one ``stage`` (``read``, ``batch``, …)."""
+    """Shared retry bookkeeping for the tasks of one ``stage`` (``read``, ``batch``, …).
+
+    A loop of its own passes any fixed token as ``task`` (its name, or itself).
+    """
 
     def __init__(
         self,

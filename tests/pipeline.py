@@ -16,7 +16,7 @@ from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import BridgeConfig, UploadConfig
 from rrb_streams.ops.status import collect
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.keys import OwnKeys
 
 
 @asynccontextmanager

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 from rrb_streams.backup.bridge import Bridge
 from rrb_streams.config import BridgeConfig
 from rrb_streams.errors import DependencyError, NotificationsRefused
-from rrb_streams.wire.changes import Change, OwnKeys, parse_entry
+from rrb_streams.wire.entries import Change, parse_entry
+from rrb_streams.wire.keys import OwnKeys
 from tests.servers import RedisServer, child_env, free_port, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -387,7 +388,7 @@ async def test_bridge_stream_redis_outage_and_restart(redis_factory: Factory) ->
             await anyio.to_thread.run_sync(stream.stop)
             for i in range(20):
                 await r.set(f"during:{i}", "v")
-            await wait_log(logs, event="bridge.write_failed")
+            await wait_log(logs, event="bridge.retry", stage="write")
             await anyio.to_thread.run_sync(stream.start)  # empty: no persistence
             await wait_log(logs, event="bridge.gap_detected", reason="stream_restart")
             async with client(stream.url()) as rs:
@@ -399,7 +400,7 @@ async def test_bridge_stream_redis_outage_and_restart(redis_factory: Factory) ->
                     return bool(await rs.xinfo_groups(STREAM))
 
                 await wait_until(grouped)
-    assert "bridge.recovered" in {e["event"] for e in logs}
+    assert ("bridge.recovered", "write") in {(e["event"], e.get("stage")) for e in logs}
 
 
 # -- lifecycle ------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from rrb_streams import cli
-from rrb_streams.wire.changes import OwnKeys, ensure_group, entry_fields
+from rrb_streams.wire.entries import entry_fields
+from rrb_streams.wire.group import ensure_group
+from rrb_streams.wire.keys import OwnKeys
 from tests.servers import RedisServer
 
 

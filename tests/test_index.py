@@ -17,8 +17,8 @@ from rrb_streams.format import codec
 from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.wire.changes import OwnKeys
 from rrb_streams.wire.index import UNKNOWN, absent_page, digest, storage_target
+from rrb_streams.wire.keys import OwnKeys
 from tests.pipeline import running_pipeline, wait_drained
 from tests.servers import RedisServer
 from tests.storage.faulty import FaultyStorage

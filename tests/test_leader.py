@@ -23,7 +23,8 @@ from rrb_streams.backup.leader import Leadership
 from rrb_streams.config import BridgeConfig
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
-from rrb_streams.wire.changes import OwnKeys, entry_fields, parse_entry
+from rrb_streams.wire.entries import entry_fields, parse_entry
+from rrb_streams.wire.keys import OwnKeys
 from tests.servers import RedisServer, child_env, wait_for
 
 OWN = OwnKeys()

@@ -9,8 +9,8 @@ import pytest
 from redis.asyncio import Redis
 
 from rrb_streams.backup.lease import CHUNK, Grant, Leases, Release
-from rrb_streams.wire.changes import OwnKeys
 from rrb_streams.wire.index import Stored
+from rrb_streams.wire.keys import OwnKeys
 from tests.servers import RedisServer
 
 OWN = OwnKeys()

@@ -27,7 +27,8 @@ from rrb_streams.ops.metrics import Metrics
 from rrb_streams.restore.run import Restorer
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.wire.changes import DEFAULT_GROUP, OwnKeys, entry_fields
+from rrb_streams.wire.entries import entry_fields
+from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
 from tests.faults.proc import BIN, Command
 from tests.restoring import backup_keys, fs_spec, restore_config
 from tests.servers import RedisServer, child_env, free_port, wait_for

@@ -21,7 +21,8 @@ from rrb_streams.format import codec
 from rrb_streams.format.layout import key_hash, latest_name, parse_name
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.wire.changes import DEFAULT_GROUP, OwnKeys, entry_fields
+from rrb_streams.wire.entries import entry_fields
+from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
 from tests.dataset import restore_latest, snapshot
 from tests.servers import RedisServer, free_port
 from tests.storage.faulty import FaultyStorage

@@ -39,7 +39,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from rrb_streams.backup import deadletter
 from rrb_streams.backup.deadletter import DeadLetter
@@ -49,15 +49,12 @@ from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
 from rrb_streams.format.codec import KeyRecord, encode
 from rrb_streams.format.layout import key_hash, latest_name, version_name
 from rrb_streams.ops.metrics import Metrics
-from rrb_streams.retrying import Retrying
+from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import index
-from rrb_streams.wire.changes import id_tuple, parse_entry
+from rrb_streams.wire.entries import id_tuple, parse_entry
 from rrb_streams.wire.index import Stored
 from rrb_streams.wire.source import KeyReadError, Source
-
-#: Failures that say nothing about one entry: retry the round, acknowledge nothing new.
-TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
 
 #: A storage call that outlasts this many leases is treated as hung and given up on.
 CALL_TIMEOUT_LEASES = 4

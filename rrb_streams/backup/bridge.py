@@ -55,16 +55,19 @@ from rrb_streams.backup.notify import (
     ensure_notifications,
     parse_channel,
 )
-from rrb_streams.backup.rescan import RETRYABLE, Change, Gaps, Rescanner, now_ms
+from rrb_streams.backup.rescan import Gaps, Rescanner
 from rrb_streams.config import BridgeConfig
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
-from rrb_streams.wire.changes import DEFAULT_GROUP, ensure_group, entry_fields
-from rrb_streams.wire.connections import connect, ping, redact_url, url_db
+from rrb_streams.retrying import TRANSIENT, Retrying
+from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.entries import NewEntry, entry_fields, now_ms
+from rrb_streams.wire.group import ensure_group
+from rrb_streams.wire.keys import DEFAULT_GROUP
+from rrb_streams.wire.urls import redact_url, url_db
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
-_BACKOFF_BASE = 0.1
 
 
 async def _run_id(r: Redis) -> str:
@@ -79,32 +82,6 @@ async def _wipe_calls(r: Redis) -> dict[str, int]:
     """How many times each dataset-wide command ran since the counters were last reset."""
     info: dict[str, Any] = await r.info("commandstats")
     return {c: int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in WIPES}
-
-
-class _Backoff:
-    """Capped exponential backoff for one retry loop; resets (and says so once) on success."""
-
-    def __init__(self, log: Any, event: str, cap: float, metrics: Metrics | None = None) -> None:
-        self._log = log
-        self._event = event
-        self._cap = cap
-        self._metrics = metrics
-        self.errors = 0
-
-    async def failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        if self._metrics is not None:
-            self._metrics.retried("bridge", exc)
-        delay = min(self._cap, _BACKOFF_BASE * 2 ** (self.errors - 1))
-        self._log.warning(
-            self._event, consecutive_errors=self.errors, error=str(exc), retry_in=delay
-        )
-        await anyio.sleep(delay)
-
-    def succeeded(self) -> None:
-        if self.errors:
-            self._log.info("bridge.recovered", after=self._event, consecutive_errors=self.errors)
-            self.errors = 0
 
 
 class Bridge:
@@ -190,7 +167,7 @@ class Bridge:
         self._gaps = Gaps(self._log)
         self._subscribed = False
         self._term_reason = reason
-        send, receive = anyio.create_memory_object_stream[Change](cfg.batch_size)
+        send, receive = anyio.create_memory_object_stream[NewEntry](cfg.batch_size)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write_loop, receive)
             # Producers share ``send``; closing it once they are all done lets the writer
@@ -207,17 +184,16 @@ class Bridge:
                             self._gaps,
                             self._client,
                             self._stream,
-                            _Backoff(
-                                self._log,
-                                "bridge.rescan_failed",
-                                cfg.max_backoff,
-                                self._metrics,
-                            ),
                             self._log,
                             metrics=self._metrics,
                         )
                         producers.start_soon(rescanner.run, send)
                         producers.start_soon(self._watch_loop)
+
+    def _retrying(self, stage: str) -> Retrying:
+        return Retrying(
+            self._log, "bridge", stage, cap=self._cfg.max_backoff, metrics=self._metrics
+        )
 
     def _announce(self, task_status: TaskStatus[None]) -> None:
         """``task_status.started()``, once: when first leading, or first standing by."""
@@ -235,7 +211,7 @@ class Bridge:
                 await self._ensure_notifications(source)
             self._run_ids["source"] = await _run_id(source)
             self._wipes["source"] = await _wipe_calls(source)
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             where = redact_url(cfg.source_url)
             raise DependencyError(f"source Redis at {where} failed at start: {exc}") from exc
         try:
@@ -243,7 +219,7 @@ class Bridge:
             if stream is not source:
                 self._run_ids["stream"] = await _run_id(stream)
                 self._wipes["stream"] = await _wipe_calls(stream)
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             where = redact_url(cfg.effective_stream_url)
             raise DependencyError(f"cannot prepare the change stream at {where}: {exc}") from exc
 
@@ -257,7 +233,7 @@ class Bridge:
     async def _subscribe_loop(
         self,
         subscriber: Redis,
-        send: MemoryObjectSendStream[Change],
+        send: MemoryObjectSendStream[NewEntry],
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -265,7 +241,7 @@ class Bridge:
         db = None if cfg.all_dbs else self._db
         channel = channel_pattern(db, cfg.pattern)
         patterns = channel_patterns(db, cfg.pattern, self._own.prefix)
-        backoff = _Backoff(self._log, "bridge.subscribe_failed", cfg.max_backoff, self._metrics)
+        retrying = self._retrying("subscribe")
         while True:
             pubsub = subscriber.pubsub()
             error: BaseException | None = None
@@ -283,7 +259,7 @@ class Bridge:
                         # then are events of every watched key on their way) is how we learn
                         # of it.
                         await self._on_subscribed(channel, task_status)
-                        backoff.succeeded()
+                        retrying.succeeded("subscriber")
             except ResponseError as exc:
                 if len(patterns) > 1:
                     # ACLs match pattern subscriptions literally, so a user allowed only the
@@ -297,13 +273,13 @@ class Bridge:
                     ) from exc
                 else:
                     error = exc
-            except RETRYABLE as exc:
+            except TRANSIENT as exc:
                 error = exc
             finally:
                 with anyio.move_on_after(5, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if error is not None:
-                await backoff.failed(error)
+                await retrying.failed("subscriber", error)
 
     async def _on_subscribed(self, channel: str, task_status: TaskStatus[None]) -> None:
         if self._subscribed:
@@ -320,7 +296,7 @@ class Bridge:
         self._gaps.report(self._term_reason)
 
     async def _forward(
-        self, send: MemoryObjectSendStream[Change], channel: bytes, event: bytes
+        self, send: MemoryObjectSendStream[NewEntry], channel: bytes, event: bytes
     ) -> None:
         parsed = parse_channel(channel)
         if parsed is None:
@@ -350,7 +326,7 @@ class Bridge:
                 try:
                     run_id = await _run_id(client)
                     wipes = await _wipe_calls(client)
-                except RETRYABLE as exc:
+                except TRANSIENT as exc:
                     self._log.debug("bridge.watch_failed", redis=name, error=str(exc))
                     continue
                 known = self._run_ids.get(name)
@@ -372,13 +348,13 @@ class Bridge:
                 try:
                     await ensure_group(self._stream, self._own.stream, DEFAULT_GROUP)
                     self._group_needed = False
-                except RETRYABLE as exc:
+                except TRANSIENT as exc:
                     self._log.debug("bridge.watch_failed", redis="stream", error=str(exc))
 
     # -- the writer --------------------------------------------------------------------------
 
-    async def _write_loop(self, receive: MemoryObjectReceiveStream[Change]) -> None:
-        backoff = _Backoff(self._log, "bridge.write_failed", self._cfg.max_backoff, self._metrics)
+    async def _write_loop(self, receive: MemoryObjectReceiveStream[NewEntry]) -> None:
+        retrying = self._retrying("write")
         async with receive:
             while True:
                 try:
@@ -390,9 +366,9 @@ class Bridge:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self._write(batch, backoff)
+                await self._write(batch, retrying)
 
-    async def _write(self, batch: list[Change], backoff: _Backoff) -> None:
+    async def _write(self, batch: list[NewEntry], retrying: Retrying) -> None:
         """XADD ``batch`` in one fenced script call, retrying until it is in (a retry may
         duplicate entries, which is harmless: uploaders read the key's current state). If
         another bridge leads, nothing is written and the term is cancelled."""
@@ -401,10 +377,10 @@ class Bridge:
         while True:
             try:
                 written = await self._leadership.xadd(entries)
-            except RETRYABLE as exc:
-                await backoff.failed(exc)
+            except TRANSIENT as exc:
+                await retrying.failed("writer", exc)
                 continue
-            backoff.succeeded()
+            retrying.succeeded("writer")
             if not written:
                 return
             if self._metrics is not None:

@@ -44,11 +44,9 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from rrb_streams.backup.rescan import RETRYABLE
-from rrb_streams.config import default_consumer
-from rrb_streams.retrying import Retrying
+from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
-from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.keys import OwnKeys, default_consumer
 from rrb_streams.wire.resp import pipeline
 
 # KEYS: the lease. ARGV: token, lease ms. Returns {1} when the lease is ours now (also when it
@@ -316,7 +314,7 @@ class Leadership:
         while not self._stop.requested:
             try:
                 claim = await self.claim()
-            except RETRYABLE as exc:
+            except TRANSIENT as exc:
                 with self._stop.interruptible():
                     await self._retry.failed(self, exc)
                 continue
@@ -345,7 +343,7 @@ class Leadership:
             taken = bool(
                 await self._take(keys=[self._key], args=[self.token, self._lease_ms, holder])
             )
-        except RETRYABLE:
+        except TRANSIENT:
             return False  # the ordinary claim tries again
         if taken:
             self.leading = True
@@ -380,7 +378,7 @@ class Leadership:
             while True:
                 try:
                     held = await self.renew()
-                except RETRYABLE as exc:
+                except TRANSIENT as exc:
                     await self._retry.failed(self, exc)
                     continue
                 break
@@ -406,7 +404,7 @@ class Leadership:
         with anyio.move_on_after(5, shield=True):
             try:
                 released = await self.release()
-            except RETRYABLE as exc:
+            except TRANSIENT as exc:
                 # It lapses by itself: standbys then take over within one lease.
                 self._log.warning("bridge.lease_release_failed", token=self.token, error=str(exc))
                 return

@@ -55,8 +55,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from rrb_streams.wire.changes import OwnKeys, id_tuple
+from rrb_streams.wire.entries import id_tuple
 from rrb_streams.wire.index import Stored
+from rrb_streams.wire.keys import OwnKeys
 
 DONE_TTL_MS = 10 * 60 * 1000  # long enough to cover any entry still in flight for the key
 

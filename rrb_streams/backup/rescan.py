@@ -16,38 +16,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from rrb_streams.config import BridgeConfig
 from rrb_streams.ops.metrics import Metrics
-from rrb_streams.wire.changes import SCAN_EVENT
-from rrb_streams.wire.connections import url_db
+from rrb_streams.retrying import TRANSIENT, Retrying
+from rrb_streams.wire.entries import SCAN_EVENT, NewEntry, now_ms
 from rrb_streams.wire.index import absent_page, indexed_dbs
-
-# (db, raw key, event, bridge time in ms): one future stream entry.
-Change = tuple[int, bytes, str, int]
-
-RETRYABLE = (RedisError, OSError)
+from rrb_streams.wire.urls import url_db
 
 DEFAULT_DATABASES = 16  # Redis's default, assumed where CONFIG GET databases is refused
-
-
-def now_ms() -> int:
-    """The bridge's wall clock in milliseconds, as stamped into entries."""
-    return time.time_ns() // 1_000_000
-
-
-class Retry(Protocol):
-    """One retry loop's backoff: ``failed`` sleeps (longer each time), ``succeeded`` resets."""
-
-    async def failed(self, exc: BaseException) -> None: ...
-
-    def succeeded(self) -> None: ...
 
 
 class Gaps:
@@ -85,7 +68,6 @@ class Rescanner:
         gaps: Gaps,
         client: Callable[[int], Redis],
         stream: Redis,
-        retry: Retry,
         log: Any,
         *,
         metrics: Metrics | None = None,
@@ -97,11 +79,11 @@ class Rescanner:
         self._gaps = gaps
         self._client = client  # the source client for one db
         self._stream = stream  # where the change stream and the stored-keys index live
-        self._retry = retry
+        self._retrying = Retrying(log, "bridge", "rescan", cap=cfg.max_backoff, metrics=metrics)
         self._log = log
         self._databases_count: int | None = None
 
-    async def run(self, send: MemoryObjectSendStream[Change]) -> None:
+    async def run(self, send: MemoryObjectSendStream[NewEntry]) -> None:
         """Forever: wait for a gap, then send to ``send``, as ``scan`` changes, every watched key
         of the source URL's db (of every db holding keys or indexed keys with ``all_dbs``) that
         exists or that the stored-keys index lists."""
@@ -131,7 +113,7 @@ class Rescanner:
             reasons, started = [], None
 
     async def _scan(
-        self, send: MemoryObjectSendStream[Change], generation: int, dbs: list[int]
+        self, send: MemoryObjectSendStream[NewEntry], generation: int, dbs: list[int]
     ) -> tuple[int, int, int] | None:
         """``(keys enqueued, gone keys enqueued, own keys skipped)``, or ``None`` when a newer
         gap interrupts."""
@@ -147,7 +129,7 @@ class Rescanner:
         return keys, gone, skipped
 
     async def _scan_keys(
-        self, send: MemoryObjectSendStream[Change], generation: int, db: int
+        self, send: MemoryObjectSendStream[NewEntry], generation: int, db: int
     ) -> tuple[int, int] | None:
         """SCAN ``db``: ``(keys enqueued, own keys skipped)``, or ``None`` when interrupted."""
         cfg = self._cfg
@@ -161,12 +143,12 @@ class Rescanner:
                 cursor, found = await client.scan(
                     cursor=cursor, match=cfg.pattern, count=cfg.scan_count
                 )
-            except RETRYABLE as exc:
+            except TRANSIENT as exc:
                 # Cursors are stateless on the server, so retrying the step is enough; a
                 # restarted source reports a gap of its own and the scan starts over.
-                await self._retry.failed(exc)
+                await self._retrying.failed(self, exc)
                 continue
-            self._retry.succeeded()
+            self._retrying.succeeded(self)
             now = now_ms()
             for key in cast(list[bytes], found):
                 if self._own.is_own(key):
@@ -179,7 +161,7 @@ class Rescanner:
             await anyio.sleep(cfg.scan_pause)
 
     async def _walk_index(
-        self, send: MemoryObjectSendStream[Change], generation: int, db: int
+        self, send: MemoryObjectSendStream[NewEntry], generation: int, db: int
     ) -> int | None:
         """Enqueue the watched keys of ``db``'s index that the source lacks; how many, or
         ``None`` when interrupted. Keys deleted after the SCAN may come here too: harmless."""
@@ -199,10 +181,10 @@ class Rescanner:
                     pattern=cfg.pattern,
                     count=cfg.scan_count,
                 )
-            except RETRYABLE as exc:
-                await self._retry.failed(exc)
+            except TRANSIENT as exc:
+                await self._retrying.failed(self, exc)
                 continue
-            self._retry.succeeded()
+            self._retrying.succeeded(self)
             now = now_ms()
             for key in absent:
                 await _send(send, (db, key, SCAN_EVENT, now))
@@ -220,10 +202,10 @@ class Rescanner:
                 info: dict[str, Any] = await source.info("keyspace")
                 count = await self._database_count(source)
                 indexed = await indexed_dbs(self._stream, self._own, range(count))
-            except RETRYABLE as exc:
-                await self._retry.failed(exc)
+            except TRANSIENT as exc:
+                await self._retrying.failed(self, exc)
                 continue
-            self._retry.succeeded()
+            self._retrying.succeeded(self)
             return sorted({int(name[2:]) for name in info if name.startswith("db")} | {*indexed})
         return None
 
@@ -238,7 +220,7 @@ class Rescanner:
         return self._databases_count
 
 
-async def _send(send: MemoryObjectSendStream[Change], change: Change) -> None:
+async def _send(send: MemoryObjectSendStream[NewEntry], change: NewEntry) -> None:
     """Send without yielding while the channel has room: the writer then finds a whole page
     of keys waiting and XADDs them in one pipeline, not a few at a time."""
     try:

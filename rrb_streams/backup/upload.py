@@ -41,19 +41,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams.backup.batch import TRANSIENT, Batch, BatchProcessor, Entry, UploadStats
+from rrb_streams.backup.batch import Batch, BatchProcessor, Entry, UploadStats
 from rrb_streams.backup.lease import Leases
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.ops.timed import TimedStorage
-from rrb_streams.retrying import Retrying
+from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.changes import ensure_group, trim
-from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.group import ensure_group, trim
 from rrb_streams.wire.source import Source
+from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
 _XCLAIM_CHUNK = 1000

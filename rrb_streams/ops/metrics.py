@@ -31,7 +31,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from rrb_streams.ops.status import StreamStatus, collect
-from rrb_streams.wire.changes import SCAN_EVENT, OwnKeys
+from rrb_streams.wire.entries import SCAN_EVENT
+from rrb_streams.wire.keys import OwnKeys
 
 if TYPE_CHECKING:
     from rrb_streams.backup.batch import UploadStats

@@ -24,8 +24,8 @@ from rrb_streams.logs import get_logger
 from rrb_streams.ops.http import Check, MetricsServer, Readiness
 from rrb_streams.ops.metrics import POLL_INTERVAL, Metrics, poll_stream
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.changes import OwnKeys
 from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.keys import OwnKeys
 from rrb_streams.wire.tls import TlsOptions
 
 DEFAULT_HOST = "0.0.0.0"  # scraped from other hosts, as exporters are

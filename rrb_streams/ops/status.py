@@ -12,7 +12,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rrb_streams.wire.changes import OwnKeys, id_tuple
+from rrb_streams.wire.entries import id_tuple
+from rrb_streams.wire.keys import OwnKeys
 
 
 @dataclass

@@ -26,7 +26,7 @@ from rrb_streams.format.legacy import parse_legacy_name
 from rrb_streams.format.selection import Item, PlanStats, legacy_rank, select
 from rrb_streams.restore.state import RunState
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.changes import trim
+from rrb_streams.wire.group import trim
 
 CHUNK = 1000  # items per transaction
 FOREIGN_SHOWN = 10  # names of foreign objects logged, per planning pass

@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.errors import ConfigError, DependencyError, StorageError
+from rrb_streams.errors import ConfigError, DependencyError
 from rrb_streams.format.selection import find_backup, has_versions
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
@@ -59,12 +59,12 @@ from rrb_streams.restore.state import (
     run_id,
 )
 from rrb_streams.restore.writer import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
-from rrb_streams.retrying import Retrying
+from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.urls import redact_url
 
-TRANSIENT: tuple[type[Exception], ...] = (StorageError, RedisError, OSError)
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
 PLANNER_TTL = 15.0  # seconds the planner's lock lasts unless renewed
 

@@ -37,7 +37,7 @@ from redis.exceptions import ResponseError
 from rrb_streams.config import RestoreConfig
 from rrb_streams.format.selection import Item
 from rrb_streams.wire import resp
-from rrb_streams.wire.connections import url_db
+from rrb_streams.wire.urls import url_db
 
 GROUP = "rrb-restore"
 FAILED_NAMES_KEPT = 1000

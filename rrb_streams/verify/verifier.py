@@ -67,10 +67,11 @@ from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
 from rrb_streams.verify.report import EXAMPLES, Summary, example_name
 from rrb_streams.wire import index
-from rrb_streams.wire.changes import entry_fields
-from rrb_streams.wire.connections import connect, ping, url_db
+from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.entries import entry_fields
 from rrb_streams.wire.keyglob import compile_glob
 from rrb_streams.wire.source import KeyReadError, Source
+from rrb_streams.wire.urls import url_db
 
 REPAIR_EVENT = "verify"
 _FOOTER = 10  # DUMP ends with a 2-byte RDB version and an 8-byte CRC64

@@ -38,7 +38,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from rrb_streams.format.codec import KeyRecord
-from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.keys import OwnKeys
 
 #: The value of a field whose object may be mid-write: its stored state is unknown.
 UNKNOWN = b"-"

@@ -18,9 +18,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rrb_streams.format.codec import KeyRecord
-from rrb_streams.wire.connections import connect, ping, redact_url
+from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.resp import transaction
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
+from rrb_streams.wire.urls import redact_url
 
 _COMMANDS_PER_KEY = 3
 

@@ -33,7 +33,7 @@ import redis
 
 from rrb_streams.format import layout
 from rrb_streams.storage.fs import FsStorage
-from rrb_streams.wire.changes import OwnKeys
+from rrb_streams.wire.keys import OwnKeys
 from tests.dataset import stored_records
 from tests.faults import netns
 from tests.faults.netns import Hosts
