@@ -1,13 +1,15 @@
 """One frozen settings object per command, built from flags over environment variables.
 
 ``validate()`` raises ``ConfigError`` naming the field and the bad value. ``repr`` masks every
-password and secret key, so a config is always safe to log.
+password and secret key, so a config is always safe to log. The field defaults here are the
+only statement of each default: the command-line options take theirs from :func:`default`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from rrb_streams.errors import ConfigError
 from rrb_streams.format.layout import normalize_prefix
@@ -15,6 +17,18 @@ from rrb_streams.storage.url import StorageSpec
 from rrb_streams.wire.keys import DEFAULT_GROUP, DEFAULT_OWN_PREFIX, OwnKeys, default_consumer
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url, url_db, validate_url
+
+
+def default(settings: type, name: str) -> Any:
+    """The default of field ``name`` of the settings class ``settings``."""
+    for f in fields(settings):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{settings.__name__}.{name} has no default")
+    raise KeyError(f"{settings.__name__} has no field {name!r}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -75,6 +89,7 @@ class BridgeConfig(_SourceStream, _Masked):
     # Managed Redis often blocks CONFIG while the parameter group already sets the flags.
     assume_notifications: bool = False  # never read or set notify-keyspace-events
     leader_lease: float = 10.0  # seconds; a standby takes over this long after a crash
+    grace: float = 10.0  # seconds to write what was read, after SIGTERM
     tls: TlsOptions = NO_TLS
 
     def validate(self) -> BridgeConfig:
@@ -97,10 +112,12 @@ class BridgeConfig(_SourceStream, _Masked):
 
 @dataclass(frozen=True, repr=False)
 class UploadConfig(_SourceStream, _Masked):
-    """Settings of ``rrb-upload``: the consumer group, the storage, and the retry policy."""
+    """Settings of ``rrb-upload``: the consumer group, the object names, and the retry policy.
+
+    The storage itself is passed to the uploader as an object, opened by the caller.
+    """
 
     source_url: str
-    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
     stream_url: str | None = None
     path_prefix: str = ""
     concurrency: int = 4  # concurrent storage calls per process
@@ -163,19 +180,19 @@ class RestoreConfig(_OwnKeys, _Masked):
     """Settings of ``rrb-restore``: what to restore from where, into which Redis, and how.
 
     Everything that changes *what* is restored (storage, prefix, target, filters, ``--at``,
-    format) makes up the run's identity; see :func:`rrb_streams.restore.run.run_id`.
+    format) makes up the run's identity; see :func:`rrb_streams.restore.state.run_id`.
     """
 
     target_url: str
-    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
+    storage: StorageSpec  # what is restored, so part of the run's identity
     stream_url: str | None = None  # None: the restore stream lives on the target
     path_prefix: str = ""
     concurrency: int = 4  # writers: concurrent object fetches in this process
     at_us: int | None = None  # --at, Unix microseconds on the source clock
     match: str = "*"
     db: int | None = None  # restore only what was backed up from this db, into the URL's db
-    if_exists: str = "replace"
-    format: str = "rrb"
+    if_exists: str = "replace"  # one of IF_EXISTS
+    format: str = "rrb"  # one of FORMATS
     dry_run: bool = False
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
@@ -246,10 +263,12 @@ class RestoreConfig(_OwnKeys, _Masked):
 
 @dataclass(frozen=True, repr=False)
 class VerifyConfig(_SourceStream, _Masked):
-    """Settings of ``rrb-verify``: which source and storage to compare, and how."""
+    """Settings of ``rrb-verify``: which source to compare with storage, and how.
+
+    The storage itself is passed to the verifier as an object, opened by the caller.
+    """
 
     source_url: str
-    storage: StorageSpec = field(default_factory=lambda: StorageSpec(kind="memory"))
     stream_url: str | None = None  # where --repair queues entries; None: the source
     path_prefix: str = ""
     match: str = "*"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rrb_streams import cli
+from rrb_streams.cli.backup import bridge, rrb, upload
+from rrb_streams.cli.status import status
 from rrb_streams.wire.entries import entry_fields
 from rrb_streams.wire.group import ensure_group
 from rrb_streams.wire.keys import OwnKeys
@@ -17,16 +18,16 @@ from tests.servers import RedisServer
 @pytest.mark.parametrize(
     ("command", "argv", "needle"),
     [
-        (cli.upload, ["redis://127.0.0.1:1/0", "-c", "0"], "--concurrency 0"),
-        (cli.upload, ["redis://127.0.0.1:1/0", "--storage", "ftp://x/y"], "'ftp'"),
-        (cli.upload, ["redis://127.0.0.1:1/0", "--storage", "s3://A_b"], "'A_b'"),
-        (cli.upload, ["http://127.0.0.1/0"], "http://127.0.0.1/0"),
-        (cli.rrb, ["redis://127.0.0.1:1/x"], "database must be a number"),
-        (cli.rrb, ["--no-such-option"], "--no-such-option"),
-        (cli.rrb, ["-c", "many"], "'many'"),
-        (cli.bridge, ["redis://127.0.0.1:1/0", "-r", ""], "--redis-pattern"),
-        (cli.status, ["redis://h:99999/0"], "99999"),
-        (cli.upload, ["redis://127.0.0.1:1/0", "-P", "../up"], "'../up'"),
+        (upload, ["redis://127.0.0.1:1/0", "-c", "0"], "--concurrency 0"),
+        (upload, ["redis://127.0.0.1:1/0", "--storage", "ftp://x/y"], "'ftp'"),
+        (upload, ["redis://127.0.0.1:1/0", "--storage", "s3://A_b"], "'A_b'"),
+        (upload, ["http://127.0.0.1/0"], "http://127.0.0.1/0"),
+        (rrb, ["redis://127.0.0.1:1/x"], "database must be a number"),
+        (rrb, ["--no-such-option"], "--no-such-option"),
+        (rrb, ["-c", "many"], "'many'"),
+        (bridge, ["redis://127.0.0.1:1/0", "-r", ""], "--redis-pattern"),
+        (status, ["redis://h:99999/0"], "99999"),
+        (upload, ["redis://127.0.0.1:1/0", "-P", "../up"], "'../up'"),
     ],
 )
 def test_cli_bad_input_gets_one_line_and_exit_2(
@@ -46,7 +47,7 @@ def test_cli_bad_input_gets_one_line_and_exit_2(
 def test_cli_unreachable_redis_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.servers import free_port
 
-    code = cli.status([f"redis://:hunter2@127.0.0.1:{free_port()}/0"])
+    code = status([f"redis://:hunter2@127.0.0.1:{free_port()}/0"])
     assert code == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -72,7 +73,7 @@ def test_status_reports_pending_lag_and_drained(
         await r.aclose()
 
     anyio.run(prepare)
-    assert cli.status([redis_server.url(), "--json"]) == 0
+    assert status([redis_server.url(), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["exists"] is True
     assert data["length"] == 5
@@ -83,7 +84,7 @@ def test_status_reports_pending_lag_and_drained(
     assert group["oldest_pending_age_ms"] is not None
     assert data["drained"] is False
 
-    assert cli.status([redis_server.url()]) == 0
+    assert status([redis_server.url()]) == 0
     text = capsys.readouterr().out
     assert "pending 2" in text
     assert "not drained" in text
@@ -92,7 +93,7 @@ def test_status_reports_pending_lag_and_drained(
 def test_status_on_a_redis_without_stream(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.status([redis_server.url(), "--json"]) == 1
+    assert status([redis_server.url(), "--json"]) == 1
     out = capsys.readouterr()
     data = json.loads(out.out)
     assert data["exists"] is False
@@ -106,7 +107,7 @@ def test_upload_stops_at_start_naming_an_unusable_folder(
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     bad = blocker / "backup"
-    code = cli.upload(["redis://127.0.0.1:1/0", "--storage", str(bad)])
+    code = upload(["redis://127.0.0.1:1/0", "--storage", str(bad)])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -117,7 +118,7 @@ def test_upload_stops_at_start_naming_an_unusable_folder(
 def test_upload_stops_at_start_naming_a_missing_bucket(
     s3_bucket: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.upload(["redis://127.0.0.1:1/0", "--storage", "s3://no-such-bucket-here/x"])
+    code = upload(["redis://127.0.0.1:1/0", "--storage", "s3://no-such-bucket-here/x"])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

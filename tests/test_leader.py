@@ -17,9 +17,9 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from rrb_streams import cli
 from rrb_streams.backup.bridge import Bridge
 from rrb_streams.backup.leader import Leadership
+from rrb_streams.cli.backup import bridge, rrb
 from rrb_streams.config import BridgeConfig
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
@@ -298,7 +298,7 @@ def test_rrb_bridge_stopped_by_sigterm_releases_the_lease(
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
-@pytest.mark.parametrize("command", [cli.bridge, cli.rrb])
+@pytest.mark.parametrize("command", [bridge, rrb])
 def test_leader_lease_option_rejects_bad_values_with_exit_2(
     command: Callable[[list[str]], int], value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,9 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.backup.upload import Uploader
+from rrb_streams.cli import options
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import ConfigError, DependencyError
 from rrb_streams.format.layout import latest_name
@@ -96,7 +98,7 @@ def body_of(reply: bytes) -> bytes:
 @pytest.mark.anyio
 async def test_server_answers_each_path_and_refuses_bad_requests() -> None:
     metrics = Metrics()
-    metrics.bridge_events.inc(3)
+    metrics.part(BridgeMetrics).events.inc(3)
     server = await MetricsServer.bind("127.0.0.1", 0, metrics, Readiness([]))
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
@@ -181,10 +183,10 @@ async def test_binding_a_port_in_use_is_a_dependency_error() -> None:
 # -- options -----------------------------------------------------------------------------------
 
 
-def parsed(*argv: str) -> argparse.Namespace:
+def endpoint(*argv: str) -> observe.Endpoint | None:
     p = argparse.ArgumentParser()
-    observe.add_options(p)
-    return p.parse_args(argv)
+    options.add_metrics(p)
+    return options.metrics_endpoint(p.parse_args(argv))
 
 
 def test_metrics_options_come_from_flags_over_the_environment(
@@ -192,28 +194,28 @@ def test_metrics_options_come_from_flags_over_the_environment(
 ) -> None:
     monkeypatch.delenv(observe.PORT_ENV, raising=False)
     monkeypatch.delenv(observe.HOST_ENV, raising=False)
-    assert observe.endpoint(parsed()) is None
-    assert observe.endpoint(parsed("--metrics-port", "9100")) == observe.Endpoint("0.0.0.0", 9100)
+    assert endpoint() is None
+    assert endpoint("--metrics-port", "9100") == observe.Endpoint("0.0.0.0", 9100)
     monkeypatch.setenv(observe.PORT_ENV, "9200")
     monkeypatch.setenv(observe.HOST_ENV, "127.0.0.1")
-    assert observe.endpoint(parsed()) == observe.Endpoint("127.0.0.1", 9200)
-    assert observe.endpoint(parsed("--metrics-port", "9300", "--metrics-host", "::1")) == (
+    assert endpoint() == observe.Endpoint("127.0.0.1", 9200)
+    assert endpoint("--metrics-port", "9300", "--metrics-host", "::1") == (
         observe.Endpoint("::1", 9300)
     )
     monkeypatch.setenv(observe.PORT_ENV, "")
-    assert observe.endpoint(parsed()) is None
+    assert endpoint() is None
 
 
 @pytest.mark.parametrize("value", ["0", "65536", "-1", "http", "9100.5", ""])
 def test_a_bad_metrics_port_is_bad_input_naming_the_flag(value: str) -> None:
     with pytest.raises(ConfigError, match=f"invalid --metrics-port '{value}'"):
-        observe.endpoint(parsed("--metrics-port", value))
+        endpoint("--metrics-port", value)
 
 
 def test_a_bad_metrics_port_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(observe.PORT_ENV, "99999")
     with pytest.raises(ConfigError, match="invalid RRB_METRICS_PORT '99999'"):
-        observe.endpoint(parsed())
+        endpoint()
 
 
 def test_a_busy_metrics_port_stops_the_command_with_one_line(redis_server: RedisServer) -> None:

@@ -15,9 +15,10 @@ from redis.asyncio import Redis as AsyncRedis
 
 from rrb_streams.errors import ConfigError
 from rrb_streams.format import codec, layout
+from rrb_streams.restore.checks import require_versions
 from rrb_streams.restore.planner import CHUNK, preview
 from rrb_streams.restore.report import exit_status, render_summary, summary_data
-from rrb_streams.restore.run import Report, Restorer, require_versions
+from rrb_streams.restore.run import Report, Restorer
 from rrb_streams.restore.writer import rdb_version
 from rrb_streams.storage.url import StorageSpec
 from tests.dataset import snapshot

@@ -10,9 +10,9 @@ import pytest
 
 from rrb_streams.errors import ConfigError
 from rrb_streams.format.legacy import encode_legacy, legacy_name
+from rrb_streams.restore.checks import require_versions
 from rrb_streams.restore.planner import preview
 from rrb_streams.restore.report import exit_status
-from rrb_streams.restore.run import require_versions
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.url import StorageSpec
 from tests.dataset import snapshot

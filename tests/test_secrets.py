@@ -180,7 +180,7 @@ def test_the_repr_of_every_config_and_storage_spec_hides_secrets() -> None:
         _assert_clean(text)
 
     spec = _value_for(
-        next(f for f in dataclasses.fields(config.UploadConfig) if f.name == "storage")
+        next(f for f in dataclasses.fields(config.RestoreConfig) if f.name == "storage")
     )
     _assert_clean(repr(spec))
     _assert_clean(repr(open_storage(spec)))

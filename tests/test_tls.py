@@ -18,7 +18,9 @@ import anyio
 import pytest
 import redis
 
-from rrb_streams import cli
+from rrb_streams.cli.backup import bridge, rrb, upload
+from rrb_streams.cli.restore import restore
+from rrb_streams.cli.status import status
 from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.tls import TlsOptions
@@ -326,7 +328,7 @@ def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
         (["redis://127.0.0.1:1/0", "--tls-ca", "{ca}"], "no Redis URL here uses rediss://"),
     ],
 )
-@pytest.mark.parametrize("command", [cli.rrb, cli.bridge, cli.upload, cli.status, cli.restore])
+@pytest.mark.parametrize("command", [rrb, bridge, upload, status, restore])
 def test_bad_tls_options_are_one_line_and_exit_2(
     command: Callable[[list[str]], int],
     argv: list[str],
@@ -343,7 +345,7 @@ def test_tls_from_the_environment_is_checked_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("REDIS_TLS_CA", "/no/such/ca.pem")
-    assert cli.status(["rediss://127.0.0.1:1/0"]) == 2
+    assert status(["rediss://127.0.0.1:1/0"]) == 2
     assert "'/no/such/ca.pem': no such file" in capsys.readouterr().err
 
 

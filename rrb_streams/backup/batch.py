@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from redis.exceptions import ResponseError
 from rrb_streams.backup import deadletter
 from rrb_streams.backup.deadletter import DeadLetter
 from rrb_streams.backup.lease import Leases, Release
+from rrb_streams.backup.metrics import UploadMetrics, UploadStats
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
 from rrb_streams.format.codec import KeyRecord, encode
@@ -53,6 +53,7 @@ from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import index
 from rrb_streams.wire.entries import id_tuple, parse_entry
+from rrb_streams.wire.group import GroupReader, RawEntry
 from rrb_streams.wire.index import Stored
 from rrb_streams.wire.source import KeyReadError, Source
 
@@ -63,30 +64,14 @@ _LEASE_POLL_MIN = 0.01  # seconds; doubles per failed attempt to take a lease
 _LEASE_POLL_MAX = 0.25
 _ENCODE_IN_THREAD = 1 << 20  # bytes of payload above which checksumming leaves the event loop
 
-Entry = tuple[str, Mapping[bytes, bytes]]
-
 
 @dataclass(slots=True)
 class Batch:
     """Entries read together. ``redo``: they may have been half done by a consumer that died
     (claimed, or our own from before a restart), so done markers must not excuse a write."""
 
-    entries: list[Entry]
+    entries: list[RawEntry]
     redo: bool = False
-
-
-@dataclass(slots=True)
-class UploadStats:
-    """Counters of one uploader since it started."""
-
-    entries_acked: int = 0  # every entry acknowledged, dead letters included
-    puts: int = 0  # key states written
-    deletes: int = 0  # absences recorded: latest object deleted, or a tombstone written
-    coalesced: int = 0  # entries acknowledged without a write of their own
-    unchanged: int = 0  # keys read and found as storage holds them already: no write
-    dead_lettered: int = 0
-    claimed: int = 0  # entries taken over from other consumers
-    redone: int = 0  # keys written again because their lease ran out during the write
 
 
 @dataclass(eq=False, slots=True)
@@ -95,7 +80,7 @@ class _Key:
     key: bytes
     hash: str
     force: bool  # ignore the done marker and the index: see Batch.redo and lease.py
-    entries: list[Entry] = field(default_factory=list)
+    entries: list[RawEntry] = field(default_factory=list)
     max_id: str = "0-0"
     attempts: int = 0
     lease_waits: int = 0
@@ -138,7 +123,7 @@ class BatchProcessor:
         leases: Leases,
         limiter: anyio.CapacityLimiter,
         stats: UploadStats,
-        in_hand: set[str],
+        reader: GroupReader,
         log: Any,
         metrics: Metrics | None = None,
     ) -> None:
@@ -150,7 +135,8 @@ class BatchProcessor:
         self._leases = leases
         self._limiter = limiter
         self._stats = stats
-        self._in_hand = in_hand  # entries read and not yet acknowledged, shared with the reader
+        self._reader = reader  # whose entries in hand this processor settles
+        self._lags = None if metrics is None else metrics.part(UploadMetrics)
         self._log = log
         self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff, metrics=metrics)
         self._call_timeout = cfg.lease * CALL_TIMEOUT_LEASES
@@ -295,8 +281,8 @@ class BatchProcessor:
                 out = await self._read_and_write(work, to_write, in_flight)
                 if out.written:
                     await self._flush()
-                    if self._metrics is not None:
-                        self._metrics.stored(out.read_at_us)
+                    if self._lags is not None:
+                        self._lags.stored(out.read_at_us)
             except Exception as exc:
                 failure = exc  # raised below, not wrapped in the task group's ExceptionGroup
             finally:
@@ -518,7 +504,7 @@ class BatchProcessor:
 
     def _done_with(self, ids: list[str]) -> None:
         self._stats.entries_acked += len(ids)
-        self._in_hand.difference_update(ids)
+        self._reader.done(ids)
 
 
 async def _encode(rec: KeyRecord) -> bytes:

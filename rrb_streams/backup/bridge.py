@@ -49,6 +49,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rrb_streams.backup.leader import Leadership
+from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.backup.notify import (
     channel_pattern,
     channel_patterns,
@@ -143,7 +144,7 @@ class Bridge:
             )
             if self._metrics is not None:
                 leadership = self._leadership
-                self._metrics.watch_leadership(lambda: leadership.leading)
+                self._metrics.part(BridgeMetrics).watch_leadership(lambda: leadership.leading)
             if self._stop_requested:
                 self._leadership.stop()
             await self._leadership.serve(
@@ -384,6 +385,6 @@ class Bridge:
             if not written:
                 return
             if self._metrics is not None:
-                self._metrics.bridged(batch)
+                self._metrics.part(BridgeMetrics).bridged(batch)
             self._log.debug("bridge.batch_written", entries=len(batch))
             return

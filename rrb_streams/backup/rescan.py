@@ -23,6 +23,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.config import BridgeConfig
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
@@ -109,7 +110,7 @@ class Rescanner:
                 seconds=round(time.monotonic() - started, 3),
             )
             if self._metrics is not None:
-                self._metrics.rescanned(reasons)
+                self._metrics.part(BridgeMetrics).rescanned(reasons)
             reasons, started = [], None
 
     async def _scan(

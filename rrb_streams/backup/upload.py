@@ -31,9 +31,7 @@ fresh names do not pile up dead consumers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -41,8 +39,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams.backup.batch import Batch, BatchProcessor, Entry, UploadStats
+from rrb_streams.backup.batch import Batch, BatchProcessor
 from rrb_streams.backup.lease import Leases
+from rrb_streams.backup.metrics import UploadMetrics, UploadStats
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
@@ -52,12 +51,11 @@ from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.connections import connect, ping
-from rrb_streams.wire.group import ensure_group, trim
+from rrb_streams.wire.group import GroupReader, RawEntry, ensure_group, trim
 from rrb_streams.wire.source import Source
 from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
-_XCLAIM_CHUNK = 1000
 
 
 class Uploader:
@@ -72,11 +70,10 @@ class Uploader:
         self.stats = UploadStats()
         self._metrics = metrics
         if metrics is not None:
-            metrics.track_upload(self.stats)
+            metrics.part(UploadMetrics).track(self.stats)
         self._source = Source(cfg.source_url, tls=cfg.tls)
         self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
         self._stopping = StopRequest()
-        self._in_hand: set[str] = set()  # entries read and not yet acknowledged
 
     # Counters for tests and metrics; see UploadStats.
     @property
@@ -115,6 +112,7 @@ class Uploader:
         """
         cfg = self.cfg
         r = connect(cfg.effective_stream_url, name="rrb-upload", tls=cfg.tls)
+        reader = GroupReader(r, cfg.own.stream, cfg.group, cfg.consumer)
         try:
             await self._start(r)
             m = self._metrics
@@ -126,22 +124,22 @@ class Uploader:
                 Leases(r, cfg.own, cfg.own.stream, lease_s=cfg.lease),
                 anyio.CapacityLimiter(cfg.concurrency),
                 self.stats,
-                self._in_hand,
+                reader,
                 self._log,
                 m,
             )
             task_status.started()
             async with anyio.create_task_group() as background:
-                background.start_soon(self._keep_alive, r)
+                background.start_soon(self._keep_alive, reader)
                 background.start_soon(self._trim, r)
                 send, receive = anyio.create_memory_object_stream[Batch](0)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, r, send)
+                    tg.start_soon(self._read, reader, send)
                     for _ in range(cfg.concurrency):
                         tg.start_soon(self._work, processor, receive.clone())
                     receive.close()
                 background.cancel_scope.cancel()
-            await self._forget_consumer(r)
+            await self._leave(reader)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._source.close()
@@ -172,7 +170,7 @@ class Uploader:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def _read(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+    async def _read(self, reader: GroupReader, send: MemoryObjectSendStream[Batch]) -> None:
         cfg = self.cfg
         retrying = Retrying(self._log, "upload", "read", cap=cfg.max_backoff, metrics=self._metrics)
         swept = False
@@ -180,21 +178,21 @@ class Uploader:
         next_claim = anyio.current_time()
         async with send:
             while not self._stopping.requested:
-                entries: list[Entry] = []
+                entries: list[RawEntry] = []
                 try:
                     if group_missing:
-                        await ensure_group(r, cfg.own.stream, cfg.group)
+                        await ensure_group(reader.r, cfg.own.stream, cfg.group)
                         self._log.warning("upload.group_recreated", group=cfg.group)
                         group_missing = False
                     if not swept:
                         # Our own entries from before a restart under the same name.
-                        await self._sweep(r, send)
+                        await self._sweep(reader, send)
                         swept = True
                     if anyio.current_time() >= next_claim:
-                        await self._claim(r, send)
+                        await self._claim(reader, send)
                         next_claim = anyio.current_time() + cfg.claim_idle / 2
                     block = min(MAX_BLOCK, max(0.001, next_claim - anyio.current_time()))
-                    entries = await self._next_batch(r, block)
+                    entries = await self._next_batch(reader, block)
                 except TRANSIENT as exc:
                     # The stream or the group was deleted (a FLUSHALL, an operator): recreate.
                     group_missing = isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
@@ -203,107 +201,61 @@ class Uploader:
                     continue
                 retrying.succeeded("reader")
                 if entries:
-                    self._in_hand.update(entry_id for entry_id, _ in entries)
                     await send.send(Batch(entries))
             # A read that stop() cancelled may have been delivered to us and lost on the way:
             # such entries are pending on this consumer, so take them from its history.
             try:
-                await self._sweep(r, send)
+                await self._sweep(reader, send)
             except TRANSIENT as exc:
                 self._log.warning("upload.final_sweep_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _next_batch(self, r: Redis, block: float) -> list[Entry]:
+    async def _next_batch(self, reader: GroupReader, block: float) -> list[RawEntry]:
         """One batch of new entries: a blocking read, then top-ups while lingering.
 
         :meth:`stop` cancels it; entries already received are kept.
         """
         cfg = self.cfg
-        got: list[Entry] = []
+        got: list[RawEntry] = []
         with self._stopping.interruptible():
-            got += await self._xreadgroup(r, ">", cfg.batch_size, max(1, int(block * 1000)))
+            got += await reader.read(cfg.batch_size, max(1, int(block * 1000)))
             deadline = anyio.current_time() + cfg.linger
             while got and len(got) < cfg.batch_size:
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     break
                 await anyio.sleep(min(remaining, cfg.linger / 4))
-                got += await self._xreadgroup(r, ">", cfg.batch_size - len(got), None)
+                got += await reader.read(cfg.batch_size - len(got), None)
         return got
 
-    async def _xreadgroup(
-        self, r: Redis, start: str, count: int, block_ms: int | None
-    ) -> list[Entry]:
-        reply = await r.xreadgroup(
-            self.cfg.group,
-            self.cfg.consumer,
-            {self.cfg.own.stream: start},
-            count=count,
-            block=block_ms,
-        )
-        if not reply:
-            return []
-        streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
-        return [e for entries in streams for e in _entries(entries)]
-
-    async def _sweep(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+    async def _sweep(self, reader: GroupReader, send: MemoryObjectSendStream[Batch]) -> None:
         """Process this consumer's pending entries that are not in hand (its history)."""
-        last = "0"
-        while True:
-            # Snapshot first: an entry a worker acks during the read is in the snapshot.
-            known = set(self._in_hand)
-            entries = await self._xreadgroup(r, last, self.cfg.batch_size, None)
-            if not entries:
-                return
-            last = entries[-1][0]
-            fresh = [e for e in entries if e[0] not in known]
-            if fresh:
-                self._in_hand.update(entry_id for entry_id, _ in fresh)
-                await send.send(Batch(fresh, redo=True))
+        async for entries in reader.sweep(self.cfg.batch_size):
+            await send.send(Batch(entries, redo=True))
 
-    async def _claim(self, r: Redis, send: MemoryObjectSendStream[Batch]) -> None:
+    async def _claim(self, reader: GroupReader, send: MemoryObjectSendStream[Batch]) -> None:
         """Take over entries idle for ``claim_idle``: their consumer is dead or stuck."""
         cfg = self.cfg
-        start: Any = "0-0"
+        start = "0-0"
         while True:
-            known = set(self._in_hand)  # see _sweep
-            start, claimed, *_ = await r.xautoclaim(
-                cfg.own.stream,
-                cfg.group,
-                cfg.consumer,
-                int(cfg.claim_idle * 1000),
-                start,
-                count=cfg.batch_size,
-            )
-            fresh = [e for e in _entries(claimed) if e[0] not in known]
+            start, fresh = await reader.claim(cfg.claim_idle, cfg.batch_size, start)
             if fresh:
                 self.stats.claimed += len(fresh)
                 self._log.info(
                     "upload.claimed", entries=len(fresh), first=fresh[0][0], last=fresh[-1][0]
                 )
-                self._in_hand.update(entry_id for entry_id, _ in fresh)
                 await send.send(Batch(fresh, redo=True))
-            if _text(start) == "0-0" or self._stopping.requested:
+            if start == "0-0" or self._stopping.requested:
                 return
 
     # -- background ---------------------------------------------------------------------------
 
-    async def _keep_alive(self, r: Redis) -> None:
+    async def _keep_alive(self, reader: GroupReader) -> None:
         cfg = self.cfg
-        # Entries another consumer claimed from us less than this long ago stay theirs.
-        min_idle_ms = int(cfg.claim_idle * 1000 / 6)
         while True:
             await anyio.sleep(cfg.claim_idle / 3)
-            ids: list[Any] = list(self._in_hand)
             try:
-                for i in range(0, len(ids), _XCLAIM_CHUNK):
-                    await r.xclaim(
-                        cfg.own.stream,
-                        cfg.group,
-                        cfg.consumer,
-                        min_idle_ms,
-                        ids[i : i + _XCLAIM_CHUNK],
-                        justid=True,
-                    )
+                # Entries another consumer claimed from us less than this long ago stay theirs.
+                await reader.keep_alive(min_idle_s=cfg.claim_idle / 6)
             except TRANSIENT as exc:
                 self._log.debug("upload.keep_alive_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -318,25 +270,11 @@ class Uploader:
             if n:
                 self._log.info("upload.trimmed", entries=n)
 
-    async def _forget_consumer(self, r: Redis) -> None:
+    async def _leave(self, reader: GroupReader) -> None:
         """Delete this consumer from the group when nothing is pending on it."""
-        cfg = self.cfg
         try:
-            mine = await r.xpending_range(
-                cfg.own.stream, cfg.group, "-", "+", 1, consumername=cfg.consumer
-            )
-            if not mine:
-                await r.xgroup_delconsumer(cfg.own.stream, cfg.group, cfg.consumer)
+            removed = await reader.leave()
         except TRANSIENT as exc:
             self._log.warning("upload.forget_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        self._log.info("upload.stopped", consumer_removed=not mine, **asdict(self.stats))
-
-
-def _entries(raw: Iterable[Any]) -> list[Entry]:
-    """``(id, fields)`` pairs from a parsed XREADGROUP / XAUTOCLAIM reply, ids as text."""
-    return [(_text(entry_id), fields or {}) for entry_id, fields in raw if entry_id is not None]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        self._log.info("upload.stopped", consumer_removed=removed, **asdict(self.stats))

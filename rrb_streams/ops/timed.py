@@ -15,19 +15,26 @@ from rrb_streams.errors import ObjectNotFound
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.storage.base import ObjectInfo, Storage
 
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
 
 class TimedStorage:
     """Wraps ``inner``; see the module docstring. ``close`` is passed through untimed."""
 
     def __init__(self, inner: Storage, metrics: Metrics) -> None:
         self.inner = inner
-        seconds = metrics.storage_seconds
+        seconds = metrics.histogram(
+            "rrb_storage_call_seconds",
+            "Duration of storage calls, failed ones included.",
+            ["op"],
+            buckets=_BUCKETS,
+        )
         self._put = seconds.labels("put")
         self._get = seconds.labels("get")
         self._get_many = seconds.labels("get_many")
         self._delete = seconds.labels("delete")
         self._flush = seconds.labels("flush")
-        self._bytes = metrics.upload_bytes
+        self._bytes = metrics.counter("rrb_upload_bytes", "Bytes of objects written to storage.")
 
     @property
     def description(self) -> str:

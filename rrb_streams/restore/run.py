@@ -14,7 +14,7 @@ A process:
      writer died). Entries reach the writers through a memory stream without a buffer, so at
      most ``concurrency + 1`` batches are in memory;
    - ``concurrency`` **writers**, each with one entry at a time:
-     :meth:`rrb_streams.restore.writer.Replayer.apply`, then the ack;
+     :meth:`rrb_streams.restore.writer.Writer.apply`, then the ack;
    - **progress**, from the run's counters, so it counts every process's work.
 
 A run is finished when the plan is complete and every entry is delivered and acknowledged;
@@ -31,8 +31,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -42,12 +41,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.errors import ConfigError, DependencyError
-from rrb_streams.format.selection import find_backup, has_versions
+from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.ops.progress import Progress
 from rrb_streams.ops.timed import TimedStorage
+from rrb_streams.restore.checks import probe_target
 from rrb_streams.restore.planner import Planner
 from rrb_streams.restore.state import (
     GROUP,
@@ -56,34 +55,22 @@ from rrb_streams.restore.state import (
     RunKeys,
     RunState,
     Totals,
+    describe,
     run_id,
 )
-from rrb_streams.restore.writer import FAILED, OUTCOMES, Replayer, Result, error_text, rdb_version
+from rrb_streams.restore.stats import ProcessStats, RestoreMetrics
+from rrb_streams.restore.writer import FAILED, OUTCOMES, Result, Writer
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.group import GroupReader, RawEntry
 from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
 PLANNER_TTL = 15.0  # seconds the planner's lock lasts unless renewed
 
 Entry = tuple[str, list[tuple[str, ...]]]  # entry id, each key's candidate object names
-
-
-@dataclass
-class ProcessStats:
-    """What this process did (the run's totals span every process and attempt)."""
-
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    bytes: int = 0
-    claimed: int = 0
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-
-    @property
-    def seconds(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
 
 
 @dataclass
@@ -121,13 +108,12 @@ class Restorer:
         self.keys = RunKeys(cfg.own_prefix, self.run_id)
         self.stats = ProcessStats()
         if metrics is not None:
-            metrics.track_restore(self.stats)
+            metrics.part(RestoreMetrics).track(self.stats)
         self.report: Report | None = None
         self.resumed = False
         self._progress = progress
         self._log = get_logger("restore", run=self.run_id, consumer=cfg.consumer)
         self._stopping = StopRequest()
-        self._in_hand: set[str] = set()
         self._finished = False
         self._retrying = Retrying(
             self._log, "restore", "write", cap=cfg.max_backoff, metrics=metrics
@@ -144,29 +130,30 @@ class Restorer:
         r = connect(cfg.effective_stream_url, name="rrb-restore", tls=cfg.tls)
         # Unique even when two processes were given the same --consumer.
         state = RunState(r, self.keys, token=f"{cfg.consumer}:{secrets.token_hex(4)}")
-        replayer: Replayer | None = None
+        reader = GroupReader(r, self.keys.stream, GROUP, cfg.consumer)
+        writer: Writer | None = None
         try:
-            replayer = await self._start(r, state)
+            writer = await self._start(r, state)
             task_status.started()
             async with anyio.create_task_group() as background:
                 background.start_soon(self._coordinate, state)
                 background.start_soon(self._show_progress, state)
                 send, receive = anyio.create_memory_object_stream[Entry](0)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, state, send)
+                    tg.start_soon(self._read, state, reader, send)
                     for _ in range(cfg.concurrency):
-                        tg.start_soon(self._write, state, replayer, receive.clone())
+                        tg.start_soon(self._write, state, reader, writer, receive.clone())
                     receive.close()
                 background.cancel_scope.cancel()
             self.stats.ended = time.monotonic()
-            totals = await self._end(state)
+            totals = await self._end(state, reader)
             self.report = Report(self.run_id, self.resumed, self._finished, self.stats, totals)
         finally:
             if self._progress is not None:
                 self._progress.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                if replayer is not None:
-                    await replayer.close()
+                if writer is not None:
+                    await writer.close()
                 await r.aclose()
 
     def stop(self) -> None:
@@ -175,7 +162,7 @@ class Restorer:
 
     # -- start and end ----------------------------------------------------------------------
 
-    async def _start(self, r: Redis, state: RunState) -> Replayer:
+    async def _start(self, r: Redis, state: RunState) -> Writer:
         cfg = self.cfg
         target = connect(cfg.target_url, name="rrb-restore", tls=cfg.tls)
         try:
@@ -199,9 +186,9 @@ class Restorer:
             planned=totals["planned"],
             target_rdb=rdb,
         )
-        return Replayer(cfg, self.storage, target_rdb=rdb, clock_offset_ms=offset_ms, log=self._log)
+        return Writer(cfg, self.storage, target_rdb=rdb, clock_offset_ms=offset_ms, log=self._log)
 
-    async def _end(self, state: RunState) -> Totals | None:
+    async def _end(self, state: RunState, reader: GroupReader) -> Totals | None:
         try:
             if self._finished:
                 totals = await state.finish()
@@ -211,7 +198,7 @@ class Restorer:
                 return totals
             if await state.exists():
                 self._show(await state.totals())
-                await state.forget_consumer(self.cfg.consumer)
+                await reader.leave()
         except TRANSIENT as exc:
             self._log.warning("restore.end_failed", error=f"{type(exc).__name__}: {exc}")
         return None
@@ -266,7 +253,9 @@ class Restorer:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def _read(self, state: RunState, send: MemoryObjectSendStream[Entry]) -> None:
+    async def _read(
+        self, state: RunState, reader: GroupReader, send: MemoryObjectSendStream[Entry]
+    ) -> None:
         cfg = self.cfg
         retrying = Retrying(
             self._log, "restore", "read", cap=cfg.max_backoff, metrics=self._metrics
@@ -274,16 +263,20 @@ class Restorer:
         next_claim = anyio.current_time()
         async with send:
             # Entries pending on this consumer name from an earlier run of it.
-            await self._sweep(state, send)
+            await self._sweep(reader, send)
             while not self._stopping.requested:
                 try:
-                    entries: list[Entry] = []
+                    entries: list[RawEntry] = []
                     if anyio.current_time() >= next_claim:
-                        entries = await self._claim(state)
+                        # One batch at most per claim: each entry is a whole batch of keys.
+                        _, entries = await reader.claim(cfg.claim_idle, 1)
+                        if entries:
+                            self.stats.claimed += len(entries)
+                            self._log.info("restore.claimed", entries=len(entries))
                         next_claim = anyio.current_time() + cfg.claim_idle / 2
                     if not entries:
                         with self._stopping.interruptible():
-                            entries = await self._xreadgroup(state, MAX_BLOCK_MS)
+                            entries = await reader.read(1, MAX_BLOCK_MS)
                     if not entries and not self._stopping.requested and await state.finished():
                         self._finished = True
                         return
@@ -302,81 +295,40 @@ class Restorer:
                     continue
                 retrying.succeeded("reader")
                 for entry in entries:
-                    self._in_hand.add(entry[0])
-                    await send.send(entry)
+                    await send.send(_batch(entry))
             # A read that stop() cut short may have been delivered to us all the same: such
             # entries are pending on this consumer, so take them from its history.
-            await self._sweep(state, send)
+            await self._sweep(reader, send)
 
-    async def _sweep(self, state: RunState, send: MemoryObjectSendStream[Entry]) -> None:
+    async def _sweep(self, reader: GroupReader, send: MemoryObjectSendStream[Entry]) -> None:
         """Hand the writers this consumer's pending entries that are not in hand already."""
-        last = "0"
         try:
-            while True:
-                # Snapshot first: an entry a writer acks during the read is in the snapshot.
-                known = set(self._in_hand)
-                entries = await self._xreadgroup(state, None, start=last)
-                if not entries:
-                    return
-                last = entries[-1][0]
+            async for entries in reader.sweep(1):
                 for entry in entries:
-                    if entry[0] not in known:
-                        self._in_hand.add(entry[0])
-                        await send.send(entry)
+                    await send.send(_batch(entry))
         except TRANSIENT as exc:
             # Left pending: a live writer claims them after --claim-idle.
             self._log.warning("restore.sweep_failed", error=f"{type(exc).__name__}: {exc}")
-
-    async def _xreadgroup(
-        self, state: RunState, block_ms: int | None, *, start: str = ">"
-    ) -> list[Entry]:
-        reply = await state.r.xreadgroup(
-            GROUP,
-            self.cfg.consumer,
-            {self.keys.stream: start},
-            count=1,
-            block=block_ms,
-        )
-        if not reply:
-            return []
-        streams = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
-        return [e for entries in streams for e in _entries(entries)]
-
-    async def _claim(self, state: RunState) -> list[Entry]:
-        """Entries idle for ``claim_idle``: their writer died. One batch at most per call."""
-        cfg = self.cfg
-        _next, claimed, *_ = await state.r.xautoclaim(
-            self.keys.stream,
-            GROUP,
-            cfg.consumer,
-            int(cfg.claim_idle * 1000),
-            "0-0",
-            count=1,
-        )
-        fresh = [e for e in _entries(claimed) if e[0] not in self._in_hand]
-        if fresh:
-            self.stats.claimed += len(fresh)
-            self._log.info("restore.claimed", entries=len(fresh))
-        return fresh
 
     # -- writing ----------------------------------------------------------------------------
 
     async def _write(
         self,
         state: RunState,
-        replayer: Replayer,
+        reader: GroupReader,
+        writer: Writer,
         receive: MemoryObjectReceiveStream[Entry],
     ) -> None:
         task = object()
         async with receive:
             async for entry_id, items in receive:
-                results = await self._until_done(task, functools.partial(replayer.apply, items))
+                results = await self._until_done(task, functools.partial(writer.apply, items))
                 ack = _ack(entry_id, results)
                 await self._until_done(task, functools.partial(state.ack, [ack]))
                 for res in results:
                     self.stats.outcomes[res.outcome] += 1
                     self.stats.bytes += res.bytes
-                self._in_hand.discard(entry_id)
+                reader.done([entry_id])
 
     async def _until_done(self, task: object, call: Any) -> Any:
         while True:
@@ -415,88 +367,6 @@ class Restorer:
             await anyio.sleep(progress.interval)
 
 
-async def probe_target(target: Redis, cfg: RestoreConfig) -> tuple[int, float]:
-    """The RDB version the target reads and its clock offset to ours, in ms.
-
-    Dumps and restores a probe key under rrb's own prefix, so a target that is a read-only
-    replica, or an ACL user without ``RESTORE``, is refused before anything is planned.
-    """
-    probe = f"{cfg.own_prefix}restore:probe:{cfg.consumer}"
-    try:
-        before = time.time()
-        seconds, micros = await target.time()
-        after = time.time()
-        offset_ms = (seconds + micros / 1e6 - (before + after) / 2) * 1000
-        await target.set(probe, b"rrb", px=60_000)
-        payload = await target.dump(probe)
-        if payload is None:
-            raise ResponseError("DUMP returned nothing for the probe key")
-        await target.restore(probe, 60_000, payload, replace=True)
-        await target.delete(probe)
-    except ResponseError as exc:
-        with contextlib.suppress(RedisError, OSError):
-            await target.delete(probe)  # a refused RESTORE leaves the SET's key
-        raise DependencyError(
-            f"the target Redis at {redact_url(cfg.target_url)} refused a probe write "
-            f"(SET, DUMP, RESTORE, DEL of {probe!r}): {error_text(exc)}"
-        ) from exc
-    except (RedisError, OSError) as exc:
-        raise DependencyError(
-            f"cannot reach the target Redis at {redact_url(cfg.target_url)}: {exc}"
-        ) from exc
-    return rdb_version(payload), offset_ms
-
-
-async def require_backup(cfg: RestoreConfig, storage: Storage) -> None:
-    """Raise ``DependencyError`` when storage holds no backup object under the prefix: a
-    mistyped ``--storage``, ``-P`` or ``--format`` must not look like a restore of nothing."""
-    found, other = await find_backup(
-        storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy
-    )
-    if found:
-        return
-    where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
-    if other and cfg.legacy:
-        raise DependencyError(
-            f"{where} holds rrb objects, none of the original tool: drop --format legacy"
-        )
-    if other:
-        raise DependencyError(
-            f"{where} holds objects of the original tool, no rrb objects: add --format legacy"
-        )
-    kind = "legacy-format" if cfg.legacy else "rrb"
-    raise DependencyError(
-        f"{where} holds no {kind} backup objects: nothing to restore "
-        "(check --storage, -P and --format)"
-    )
-
-
-async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:
-    """Raise ``ConfigError`` when ``--at`` is asked of a backup that holds no versions."""
-    if cfg.at_us is None:
-        return
-    if not await has_versions(storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy):
-        where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
-        raise ConfigError(
-            f"--at needs a backup made with --versioning, and {where} holds no versions: "
-            "without versions only the latest state can be restored (drop --at)"
-        )
-
-
-def describe(cfg: RestoreConfig) -> str:
-    """What the run restores, in words, kept in the run hash for operators."""
-    parts = [f"{cfg.storage.description}{cfg.path_prefix} -> {redact_url(cfg.target_url)}"]
-    if cfg.at_us is not None:
-        parts.append(f"at {cfg.at_us} us")
-    if cfg.match != "*":
-        parts.append(f"match {cfg.match}")
-    if cfg.db is not None:
-        parts.append(f"db {cfg.db}")
-    if cfg.legacy:
-        parts.append("legacy format")
-    return ", ".join(parts)
-
-
 def _ack(entry_id: str, results: list[Result]) -> Ack:
     counts = dict.fromkeys(OUTCOMES, 0)
     for res in results:
@@ -507,17 +377,13 @@ def _ack(entry_id: str, results: list[Result]) -> Ack:
     return Ack(entry_id, counts, failures)
 
 
-def _entries(raw: Iterable[Any]) -> list[Entry]:
-    """Entries of a parsed XREADGROUP / XAUTOCLAIM reply; one whose batch cannot be read
-    becomes a batch of one nameless item, which the writer reports as failed."""
-    out: list[Entry] = []
-    for entry_id, fields in raw:
-        if entry_id is None:
-            continue
-        try:
-            # An entry deleted while pending has no fields: nothing to write, only to ack.
-            items = [tuple(names) for names in json.loads(fields[b"i"])] if fields else []
-        except (KeyError, ValueError, TypeError):
-            items = [()]
-        out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, items))
-    return out
+def _batch(entry: RawEntry) -> Entry:
+    """A restore-stream entry as a batch; one whose batch cannot be read becomes a batch of
+    one nameless item, which the writer reports as failed."""
+    entry_id, fields = entry
+    try:
+        # An entry deleted while pending has no fields: nothing to write, only to ack.
+        items = [tuple(names) for names in json.loads(fields[b"i"])] if fields else []
+    except (KeyError, ValueError, TypeError):
+        items = [()]
+    return entry_id, items

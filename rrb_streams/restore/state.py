@@ -37,7 +37,7 @@ from redis.exceptions import ResponseError
 from rrb_streams.config import RestoreConfig
 from rrb_streams.format.selection import Item
 from rrb_streams.wire import resp
-from rrb_streams.wire.urls import url_db
+from rrb_streams.wire.urls import redact_url, url_db
 
 GROUP = "rrb-restore"
 FAILED_NAMES_KEPT = 1000
@@ -135,6 +135,20 @@ def run_id(cfg: RestoreConfig) -> str:
         "format": cfg.format,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe(cfg: RestoreConfig) -> str:
+    """What the run restores, in words, kept in the run hash for operators."""
+    parts = [f"{cfg.storage.description}{cfg.path_prefix} -> {redact_url(cfg.target_url)}"]
+    if cfg.at_us is not None:
+        parts.append(f"at {cfg.at_us} us")
+    if cfg.match != "*":
+        parts.append(f"match {cfg.match}")
+    if cfg.db is not None:
+        parts.append(f"db {cfg.db}")
+    if cfg.legacy:
+        parts.append("legacy format")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,13 +459,6 @@ class RunState:
         if not meta:
             return None
         return parse_totals(meta, failed)
-
-    async def forget_consumer(self, consumer: str) -> None:
-        """Remove ``consumer`` from the group when nothing is pending on it."""
-        k = self.keys
-        mine = await self.r.xpending_range(k.stream, GROUP, "-", "+", 1, consumername=consumer)
-        if not mine:
-            await self.r.xgroup_delconsumer(k.stream, GROUP, consumer)
 
 
 def _flat(reply: Any) -> dict[str, Any]:

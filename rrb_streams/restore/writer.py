@@ -1,6 +1,6 @@
 """Writing restore items into the target: fetch, verify, choose, filter, RESTORE.
 
-For one batch of items, :meth:`Replayer.apply`:
+For one batch of items, :meth:`Writer.apply`:
 
 1. fetches each item's objects and verifies them (:func:`rrb_streams.format.codec.decode`, or
    :func:`rrb_streams.format.legacy.decode_legacy`). A damaged object is a *failure* of its item,
@@ -93,7 +93,7 @@ def show_key(key: bytes) -> str:
     return text + "…" if len(key) > _SHOWN_KEY else text
 
 
-class Replayer:
+class Writer:
     """Applies batches of items to the target. One per process, shared by its writers.
 
     ``target_rdb`` is the highest RDB version the target reads, and ``clock_offset_ms`` the

@@ -1,6 +1,3 @@
-"""Storage backends behind one small protocol; see :mod:`rrb_streams.storage.base`."""
-
-from rrb_streams.storage.base import ObjectInfo, Storage
-from rrb_streams.storage.url import StorageSpec, open_storage, parse_storage_url
-
-__all__ = ["ObjectInfo", "Storage", "StorageSpec", "open_storage", "parse_storage_url"]
+"""Object storage behind one small protocol (:mod:`.base`), and its backends: S3-compatible
+storage (:mod:`.s3`), a folder (:mod:`.fs`) and memory for unit tests (:mod:`.memory`).
+:mod:`.url` turns ``--storage`` into a backend."""

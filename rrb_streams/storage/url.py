@@ -4,8 +4,9 @@
 ``s3://bucket/base``   S3-compatible storage
 ``file:///abs/path``   the local filesystem
 plain path             the local filesystem
-``memory://``          in-process memory (tests only)
 =====================  ==========================================
+
+The memory backend is for unit tests: no URL names it, so no backup can land there by mistake.
 
 For S3 the endpoint comes from ``S3_SERVER``, then ``AWS_ENDPOINT_URL``, then AWS itself, and
 credentials from ``S3_ACCESS_KEY``/``S3_SECRET_KEY``, then the standard AWS chain. With no
@@ -21,6 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from rrb_streams.errors import ConfigError
@@ -34,7 +36,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 class StorageSpec:
     """A parsed storage location. ``repr`` never shows the secret key."""
 
-    kind: str  # "s3", "fs" or "memory"
+    kind: Literal["s3", "fs"]
     bucket: str = ""
     base: str = ""  # for s3: a key prefix inside the bucket, "" or ending in "/"
     path: Path | None = None  # for fs
@@ -52,9 +54,7 @@ class StorageSpec:
         if self.kind == "s3":
             where = f"s3://{self.bucket}/{self.base}"
             return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
-        if self.kind == "fs":
-            return f"file://{self.path}"
-        return "memory://"
+        return f"file://{self.path}"
 
 
 def _s3_spec(bucket: str, base: str, env: Mapping[str, str]) -> StorageSpec:
@@ -105,8 +105,6 @@ def parse_storage_url(url: str | None, env: Mapping[str, str] | None = None) -> 
         if not parts.path:
             raise ConfigError(f"invalid storage URL {url!r}: no path")
         return StorageSpec(kind="fs", path=Path(unquote(parts.path)))
-    if scheme == "memory":
-        return StorageSpec(kind="memory")
     raise ConfigError(
         f"unknown storage scheme {parts.scheme!r} in {url!r}: use s3://, file:// or a path"
     )
@@ -165,11 +163,7 @@ def open_storage(spec: StorageSpec) -> Storage:
             sse=spec.sse,
             sse_kms_key_id=spec.sse_kms_key_id,
         )
-    if spec.kind == "fs":
-        from rrb_streams.storage.fs import FsStorage
+    from rrb_streams.storage.fs import FsStorage
 
-        assert spec.path is not None
-        return FsStorage(spec.path)
-    from rrb_streams.storage.memory import MemoryStorage
-
-    return MemoryStorage()
+    assert spec.path is not None
+    return FsStorage(spec.path)

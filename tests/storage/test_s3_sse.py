@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
-from rrb_streams import cli
+from rrb_streams.cli.backup import rrb, upload
 from rrb_streams.errors import ConfigError
 from rrb_streams.storage.s3 import S3Storage
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
@@ -93,7 +93,7 @@ def test_bad_encryption_options_are_config_errors(
     assert needle in str(raised.value)
 
 
-@pytest.mark.parametrize("command", [cli.rrb, cli.upload])
+@pytest.mark.parametrize("command", [rrb, upload])
 def test_the_commands_refuse_bad_encryption_options_with_exit_2(
     command: Callable[[list[str]], int],
     tmp_path: Path,

@@ -1,0 +1,201 @@
+"""The option groups that several commands share, and reading them back.
+
+Every default comes from the settings classes (:func:`rrb_streams.config.default`); help texts
+show it with ``%(default)s``, so the help can never disagree with what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rrb_streams.config import BridgeConfig, UploadConfig, default
+from rrb_streams.ops import observe
+from rrb_streams.storage.url import SSE_MODES, StorageSpec, parse_storage_url, with_sse
+from rrb_streams.wire.keys import DEFAULT_OWN_PREFIX
+from rrb_streams.wire.tls import TlsOptions
+
+
+def add_tls(p: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert`` and ``--tls-key``, for ``rediss://`` URLs."""
+    g = p.add_argument_group("TLS (rediss:// URLs)")
+    g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM CA bundle to verify the server with (default: $REDIS_TLS_CA, else the "
+        "system's CAs)",
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM client certificate, for servers that require one (default: $REDIS_TLS_CERT)",
+    )
+    g.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="PEM private key of --tls-cert (default: $REDIS_TLS_KEY, else in --tls-cert)",
+    )
+
+
+def tls(args: argparse.Namespace) -> TlsOptions:
+    """The TLS options, over their environment variables."""
+    return TlsOptions.from_sources(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def add_metrics(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` and ``--metrics-host``."""
+    g = p.add_argument_group("metrics")
+    g.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        help=f"serve /metrics, /healthz and /readyz on PORT (default: ${observe.PORT_ENV}, "
+        "else off)",
+    )
+    g.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help=f"address to serve them on (default: ${observe.HOST_ENV}, else "
+        f"{observe.DEFAULT_HOST})",
+    )
+
+
+def metrics_endpoint(args: argparse.Namespace) -> observe.Endpoint | None:
+    """Where to serve the metrics; ``None`` when off. Raises ``ConfigError``."""
+    return observe.endpoint(args.metrics_port, args.metrics_host)
+
+
+def add_storage(p: argparse.ArgumentParser) -> None:
+    """``--storage`` and ``-P``: where the backup is, for every command that touches it."""
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="s3://bucket/prefix, file:///path or a path (default: $S3_BUCKET, else ./rrb-backup)",
+    )
+    p.add_argument("-P", "--path", default="", metavar="PREFIX", help="prefix of the object names")
+
+
+def add_sse(p: argparse.ArgumentParser) -> None:
+    """``--s3-sse`` and ``--s3-sse-kms-key-id``, for commands that write objects."""
+    p.add_argument(
+        "--s3-sse",
+        metavar="MODE",
+        help=f"S3 server-side encryption of written objects: {' or '.join(SSE_MODES)} "
+        "(default: $S3_SSE, else the bucket's default)",
+    )
+    p.add_argument(
+        "--s3-sse-kms-key-id",
+        metavar="ID",
+        help="KMS key for --s3-sse aws:kms (default: $S3_SSE_KMS_KEY_ID, else the bucket's "
+        "aws/s3 key)",
+    )
+
+
+def storage(args: argparse.Namespace) -> StorageSpec:
+    """The storage ``--storage`` names (over ``S3_BUCKET``). Raises ``ConfigError``."""
+    return parse_storage_url(args.storage)
+
+
+def writable_storage(args: argparse.Namespace) -> StorageSpec:
+    """:func:`storage` with the server-side encryption options. Raises ``ConfigError``."""
+    return with_sse(storage(args), args.s3_sse, args.s3_sse_kms_key_id)
+
+
+def add_own_prefix(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--own-prefix",
+        default=DEFAULT_OWN_PREFIX,
+        metavar="PREFIX",
+        help="prefix of rrb's own keys, never backed up (default: %(default)s)",
+    )
+
+
+def add_stream(
+    p: argparse.ArgumentParser, holding: str = "the change stream", otherwise: str = "the source"
+) -> None:
+    """``--stream-url`` and ``--own-prefix``."""
+    p.add_argument(
+        "--stream-url", metavar="URL", help=f"Redis holding {holding} (default: {otherwise})"
+    )
+    add_own_prefix(p)
+
+
+def add_bridge(p: argparse.ArgumentParser) -> None:
+    """The bridge's options: what to watch, and its leader lease."""
+    p.add_argument(
+        "-r",
+        "--redis-pattern",
+        default=default(BridgeConfig, "pattern"),
+        metavar="GLOB",
+        help="back up only keys matching GLOB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--all-dbs", action="store_true", help="watch every database, not only the URL's"
+    )
+    p.add_argument(
+        "--assume-notifications",
+        action="store_true",
+        help="do not touch CONFIG: notify-keyspace-events is already set (managed Redis)",
+    )
+    p.add_argument(
+        "--leader-lease",
+        type=float,
+        default=default(BridgeConfig, "leader_lease"),
+        metavar="SECONDS",
+        help="of several bridges for one source, one leads; a standby takes over this long "
+        "after the leader died (default: %(default)g)",
+    )
+
+
+def add_upload(p: argparse.ArgumentParser, concurrency_help: str) -> None:
+    """The uploaders' options: storage, object names, the group, and the retry policy."""
+
+    def option(*flags: str, field: str, **kw: Any) -> None:
+        p.add_argument(*flags, default=default(UploadConfig, field), **kw)
+
+    add_storage(p)
+    option("-c", "--concurrency", field="concurrency", type=int, metavar="N", help=concurrency_help)
+    p.add_argument(
+        "--versioning",
+        action="store_true",
+        help="keep every change as its own object (needed for point-in-time restore)",
+    )
+    option("--group", field="group", help="consumer group (default: %(default)s)")
+    p.add_argument("--consumer", metavar="NAME", help="consumer name (default: <hostname>-<pid>)")
+    option(
+        "--claim-idle",
+        field="claim_idle",
+        type=float,
+        metavar="SECONDS",
+        help="claim another consumer's entries after they sat this long unacked "
+        "(default: %(default)g)",
+    )
+    option(
+        "--lease",
+        field="lease",
+        type=float,
+        metavar="SECONDS",
+        help="per-key lease around read + write; after a crash its keys wait this long "
+        "(default: %(default)g)",
+    )
+    option(
+        "--linger",
+        field="linger",
+        type=float,
+        metavar="SECONDS",
+        help="how long a short batch waits to fill, so hot keys coalesce (default: %(default)g)",
+    )
+    option(
+        "--max-attempts",
+        field="max_attempts",
+        type=int,
+        metavar="N",
+        help="failures of one entry before it moves to the dead letters (default: %(default)s)",
+    )
+    option(
+        "--grace",
+        field="grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, time to finish and ack in-flight work (default: %(default)g)",
+    )
+    add_sse(p)
