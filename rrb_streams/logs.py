@@ -1,4 +1,4 @@
-"""Logging: structlog key/value events with stable names.
+"""Logging: structlog key/value events with stable names, and the one way to show a key.
 
 A friendly console renderer on a TTY, JSON lines otherwise. ``LOG_LEVEL`` sets the level;
 ``--debug`` forces DEBUG and ``-q`` shows warnings and errors only.
@@ -56,3 +56,18 @@ def configure(
 def get_logger(component: str, **context: Any) -> Any:
     """A logger bound to ``component`` and any extra context (consumer, stream, …)."""
     return structlog.get_logger().bind(component=component, **context)
+
+
+SHOWN_KEY_BYTES = 200  # bytes of a key shown; a key may be 512 MB long
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def show_key(key: bytes, db: int | None = None) -> str:
+    """A key as people see it, in logs, errors and summaries: its text where it is UTF-8,
+    ``\\xNN`` for other bytes and for control characters (so a key can never break a line or
+    a terminal), cut after :data:`SHOWN_KEY_BYTES` bytes with ``…``, and ``db3:`` in front
+    when ``db`` is given."""
+    text = key[:SHOWN_KEY_BYTES].decode("utf-8", "backslashreplace").translate(_CONTROL)
+    if len(key) > SHOWN_KEY_BYTES:
+        text += "…"
+    return text if db is None else f"db{db}:{text}"

@@ -28,6 +28,9 @@ from tests.servers import RedisServer
         (bridge, ["redis://127.0.0.1:1/0", "-r", ""], "--redis-pattern"),
         (status, ["redis://h:99999/0"], "99999"),
         (upload, ["redis://127.0.0.1:1/0", "-P", "../up"], "'../up'"),
+        # Process memory is a unit-test backend, never a place a backup can go.
+        (upload, ["redis://127.0.0.1:1/0", "--storage", "memory://"], "'memory'"),
+        (rrb, ["redis://127.0.0.1:1/0", "--storage", "memory://"], "'memory'"),
     ],
 )
 def test_cli_bad_input_gets_one_line_and_exit_2(

@@ -15,10 +15,11 @@ from structlog.testing import capture_logs
 from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import UploadConfig, VerifyConfig
 from rrb_streams.format import codec, layout
+from rrb_streams.logs import show_key
 from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
-from rrb_streams.verify.report import Summary, example_name
+from rrb_streams.verify.report import Summary
 from rrb_streams.verify.verifier import Verifier
 from tests.pipeline import running_pipeline, wait_drained
 from tests.restoring import dumped_record, open_spec, put_latest, s3_spec
@@ -309,5 +310,7 @@ class _Log:
         self.lines.append(fields)
 
 
-def test_example_names_escape_binary_keys() -> None:
-    assert example_name(3, b"k\xff\x00") == "db3:k\\xff\x00"
+def test_example_names_escape_binary_keys_and_control_characters() -> None:
+    assert show_key(b"k\xff\x00\n", 3) == "db3:k\\xff\\x00\\x0a"
+    assert show_key("ключ".encode()) == "ключ"
+    assert show_key(b"x" * 300) == "x" * 200 + "…"

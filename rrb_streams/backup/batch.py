@@ -48,6 +48,7 @@ from rrb_streams.config import UploadConfig
 from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
 from rrb_streams.format.codec import KeyRecord, encode
 from rrb_streams.format.layout import key_hash, latest_name, version_name
+from rrb_streams.logs import show_key
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.storage.base import Storage
@@ -267,7 +268,7 @@ class BatchProcessor:
                 k.force = True
                 work.tally["redone"] += 1
                 self._stats.redone += 1
-                self._log.info("upload.lease_lost", db=k.db, key=_show(k.key))
+                self._log.info("upload.lease_lost", db=k.db, key=show_key(k.key))
 
     async def _write_round(
         self, work: _Work, token: str, held: list[_Key], to_write: list[_Key]
@@ -469,7 +470,7 @@ class BatchProcessor:
             work.dead.extend(DeadLetter(eid, f, reason, k.attempts) for eid, f in k.entries)
             return
         self._log.warning(
-            "upload.key_failed", db=k.db, key=_show(k.key), attempts=k.attempts, reason=reason
+            "upload.key_failed", db=k.db, key=show_key(k.key), attempts=k.attempts, reason=reason
         )
         k.not_before = now + min(self._cfg.max_backoff, 0.1 * 2 ** (k.attempts - 1))
 
@@ -489,7 +490,7 @@ class BatchProcessor:
                 self._log.warning(
                     "upload.dead_lettered",
                     entry=d.entry_id,
-                    key=_show(d.fields.get(b"key", b"")),
+                    key=show_key(d.fields.get(b"key", b"")),
                     reason=d.reason,
                     attempts=d.attempts,
                 )
@@ -515,9 +516,3 @@ async def _encode(rec: KeyRecord) -> bytes:
 
 def _newest(a: str | None, b: str) -> str:
     return b if a is None or id_tuple(b) >= id_tuple(a) else a
-
-
-def _show(key: bytes) -> str:
-    """A key as log text: readable, and bounded however long the key is."""
-    text = key[:200].decode("utf-8", errors="backslashreplace")
-    return text + "…" if len(key) > 200 else text

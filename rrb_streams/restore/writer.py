@@ -44,6 +44,7 @@ from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import key_hash
 from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
+from rrb_streams.logs import show_key
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import resp
 from rrb_streams.wire.connections import connect
@@ -58,7 +59,6 @@ FAILED = "failed"
 OUTCOMES = (RESTORED, EXPIRED, FILTERED, EXISTING, ABSENT, FAILED)
 
 _DECODE_IN_THREAD = 1 << 20  # bytes above which checksumming leaves the event loop
-_SHOWN_KEY = 80  # bytes of a key shown in messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +85,6 @@ def rdb_version(payload: bytes) -> int:
     if len(payload) < 10:
         return 0
     return int.from_bytes(payload[-10:-8], "little")
-
-
-def show_key(key: bytes) -> str:
-    """A key as messages show it: printable, and cut at 80 bytes."""
-    text = repr(key[:_SHOWN_KEY])[2:-1]
-    return text + "…" if len(key) > _SHOWN_KEY else text
 
 
 class Writer:
@@ -182,7 +176,7 @@ class Writer:
         version = rdb_version(rec.payload)
         if version > self._target_rdb:
             reason = (
-                f"key {show_key(rec.key)!r} was dumped by Redis {rec.redis_version} "
+                f"key '{show_key(rec.key)}' was dumped by Redis {rec.redis_version} "
                 f"(RDB {version}); the target reads RDB {self._target_rdb} at most"
             )
             self._log.warning("restore.newer_rdb", object=chosen_name, reason=reason)
@@ -261,7 +255,7 @@ class Writer:
         if isinstance(reply, ResponseError):
             if str(reply).startswith("BUSYKEY"):
                 return self._existing(w)
-            reason = f"key {show_key(w.key)!r}: the target refused it: {error_text(reply)}"
+            reason = f"key '{show_key(w.key)}': the target refused it: {error_text(reply)}"
             if "payload version" in str(reply):
                 reason += " (made by a newer Redis than the target?)"
             return self._failed(w.name, reason)
@@ -272,7 +266,7 @@ class Writer:
     def _existing(self, w: _Write) -> Result:
         if self._cfg.if_exists == "fail":
             return self._failed(
-                w.name, f"key {show_key(w.key)!r} exists in the target (--if-exists fail)"
+                w.name, f"key '{show_key(w.key)}' exists in the target (--if-exists fail)"
             )
         return Result(EXISTING, name=w.name)
 

@@ -72,8 +72,3 @@ def render(summary: Summary, *, repair: bool) -> str:
 def exit_status(summary: Summary) -> int:
     """0 when nothing differs, 3 when differences were found (1 and 2: errors, bad input)."""
     return 3 if summary.differences else 0
-
-
-def example_name(db: int, key: bytes) -> str:
-    """How a key is named in the summary: ``db0:user:1``, non-UTF-8 bytes escaped."""
-    return f"db{db}:{key.decode('utf-8', 'backslashreplace')}"

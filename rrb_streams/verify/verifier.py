@@ -62,10 +62,10 @@ from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import key_dir, key_hash, parse_name
 from rrb_streams.format.selection import Item, PlanStats, select
-from rrb_streams.logs import get_logger
+from rrb_streams.logs import get_logger, show_key
 from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
-from rrb_streams.verify.report import EXAMPLES, Summary, example_name
+from rrb_streams.verify.report import EXAMPLES, Summary
 from rrb_streams.wire import index
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.entries import entry_fields
@@ -369,7 +369,7 @@ class Verifier:
     ) -> None:
         if isinstance(live, KeyReadError):
             self.summary.unreadable += 1
-            self._log.warning("verify.unreadable", db=db, key=key, reason=live.reason)
+            self._log.warning("verify.unreadable", db=db, key=show_key(key), reason=live.reason)
             return
         kind = self._classify(stored, live)
         if kind is None:
@@ -409,10 +409,12 @@ class Verifier:
             return
         if _live_marker(live) != _live_marker(c.live) or stored.marker() != c.stored.marker():
             self.summary.changing += 1
-            self._log.debug("verify.changing", db=c.db, key=c.key, kind=kind)
+            self._log.debug("verify.changing", db=c.db, key=show_key(c.key), kind=kind)
             return
-        self._log.info("verify.difference", kind=kind, db=c.db, key=c.key, object=stored.name)
-        self._count(kind, example_name(c.db, c.key))
+        self._log.info(
+            "verify.difference", kind=kind, db=c.db, key=show_key(c.key), object=stored.name
+        )
+        self._count(kind, show_key(c.key, c.db))
         if self.cfg.repair:
             self._repairs.append((c.db, c.key))
 

@@ -95,6 +95,8 @@ async def test_bridge_killed_9_changes_made_while_down_still_arrive(
         c.delete("before")
         c.hset("while-down:hash", "f", "v")
     commands.append(bridge.start())
+    # The stream is drained before the new bridge's rescan adds anything: wait for the rescan.
+    wait_for(lambda: bridge.output().count('"bridge.rescan_done"') == 2)
     await wait_drained(source.url())
     assert await assert_backup_equals_source(source, target, folder) == 201
 
