@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 BIN = Path(sys.executable).parent
 

@@ -47,7 +47,7 @@ from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.s3 import S3Storage
 from rrb_streams.wire import resp
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 VALUE = b"v" * 64
 S3_CONCURRENCY = 8

@@ -11,7 +11,7 @@ import pytest
 import structlog
 from moto.server import ThreadedMotoServer
 
-from tests.servers import RedisServer, free_port
+from tests.support.servers import RedisServer, free_port
 
 S3_ACCESS_KEY = "testing-access"
 S3_SECRET_KEY = "testing-secret-do-not-log"

@@ -23,7 +23,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.deployfiles import (
+from tests.support.deployfiles import (
     DEPLOY,
     KUBE,
     ROOT,

@@ -1,4 +1,4 @@
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 
 def test_redis_fixture_starts_a_real_server(redis_server: RedisServer) -> None:

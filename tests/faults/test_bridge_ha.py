@@ -20,10 +20,11 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.faults.proc import Command
 from tests.faults.test_kill import Writer, assert_backup_equals_source
-from tests.pipeline import wait_drained
-from tests.servers import RedisServer, wait_for
+from tests.support.pipeline import wait_drained
+from tests.support.proc import Command
+from tests.support.servers import RedisServer
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.anyio
 

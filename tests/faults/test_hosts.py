@@ -1,6 +1,6 @@
 """Scale-out across hosts: uploaders on two hosts, one of them cut off the network mid-load.
 
-Three hosts built from network namespaces (:mod:`tests.faults.netns`) on one bridge:
+Three hosts built from network namespaces (:mod:`tests.support.netns`) on one bridge:
 
 - ``redis``: the source Redis, which also holds the change stream (AOF on), and ``rrb-bridge``.
   The bridge runs next to its source so that its path never crosses the cut: the scenario is
@@ -34,12 +34,13 @@ import redis
 from rrb_streams.format import layout
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.keys import OwnKeys
-from tests.dataset import stored_records
-from tests.faults import netns
-from tests.faults.netns import Hosts
 from tests.faults.test_kill import Writer, assert_backup_equals_source
-from tests.pipeline import wait_drained
-from tests.servers import RedisServer, ServerError, child_env, redis_binary, wait_for
+from tests.support import netns
+from tests.support.dataset import stored_records
+from tests.support.netns import Hosts
+from tests.support.pipeline import wait_drained
+from tests.support.servers import RedisServer, ServerError, child_env, redis_binary
+from tests.support.wait import wait_for
 
 BIN = Path(sys.executable).parent
 OWN = OwnKeys()

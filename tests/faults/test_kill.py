@@ -12,10 +12,11 @@ import anyio
 import pytest
 
 from rrb_streams.storage.fs import FsStorage
-from tests.dataset import difference, restore_latest, snapshot
-from tests.faults.proc import Command
-from tests.pipeline import wait_drained
-from tests.servers import RedisServer, wait_for
+from tests.support.dataset import difference, restore_latest, snapshot
+from tests.support.pipeline import wait_drained
+from tests.support.proc import Command
+from tests.support.servers import RedisServer
+from tests.support.wait import wait_for
 
 
 @pytest.fixture

@@ -15,9 +15,10 @@ import redis
 from rrb_streams.format import codec, layout
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.source import Source
-from tests.dataset import snapshot
-from tests.faults.proc import Command
-from tests.servers import RedisServer, wait_for
+from tests.support.dataset import snapshot
+from tests.support.proc import Command
+from tests.support.servers import RedisServer
+from tests.support.wait import wait_for
 
 KEYS = 12_000
 

@@ -17,12 +17,13 @@ import pytest
 
 from rrb_streams.storage.s3 import S3Storage
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.dataset import difference, restore_latest, snapshot
-from tests.faults.proc import Command
-from tests.faults.proxy import Proxy
 from tests.faults.test_kill import Writer, assert_backup_equals_source
-from tests.pipeline import wait_drained
-from tests.servers import RedisServer, wait_for
+from tests.support.dataset import difference, restore_latest, snapshot
+from tests.support.pipeline import wait_drained
+from tests.support.proc import Command
+from tests.support.proxy import Proxy
+from tests.support.servers import RedisServer
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.anyio
 

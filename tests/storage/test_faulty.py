@@ -8,7 +8,7 @@ import pytest
 from rrb_streams.errors import ObjectNotFound, ObjectRejected, StorageUnavailable
 from rrb_streams.storage.base import ObjectInfo
 from rrb_streams.storage.memory import MemoryStorage
-from tests.storage.faulty import FaultyStorage
+from tests.support.faulty import FaultyStorage
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ from rrb_streams.errors import (
 from rrb_streams.storage.base import ObjectInfo
 from rrb_streams.storage.s3 import S3Storage
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.anyio
 

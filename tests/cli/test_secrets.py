@@ -1,0 +1,187 @@
+"""Secrets (the Redis password, the S3 secret key) never appear in logs, errors or ``repr``.
+
+The commands run as real processes with ``--debug`` and ``LOG_LEVEL=DEBUG``; everything they
+print is searched for the secrets, on a normal run, on SIGTERM, and on refused credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from rrb_streams import config
+from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
+from rrb_streams.wire.tls import TlsOptions
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.support.servers import RedisServer, child_env, free_port
+from tests.support.wait import wait_for
+
+BIN = Path(sys.executable).parent
+PASSWORD = "redis-pass-do-not-log-4f1c"
+WRONG_PASSWORD = "wrong-pass-do-not-log-9e2a"
+SECRETS = (PASSWORD, WRONG_PASSWORD, S3_SECRET_KEY)
+
+
+def _assert_clean(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"a secret appears in the output:\n{text[-3000:]}"
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    return {
+        "S3_SERVER": endpoint,
+        "S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "S3_SECRET_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "LOG_LEVEL": "DEBUG",
+    }
+
+
+def _run(command: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / command), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(**env),
+        check=False,
+    )
+
+
+@pytest.fixture
+def locked_redis(redis_server: RedisServer) -> RedisServer:
+    with redis_server.client() as c:
+        c.config_set("requirepass", PASSWORD)
+    return redis_server
+
+
+def _url(server: RedisServer, password: str = PASSWORD) -> str:
+    return f"redis://:{password}@127.0.0.1:{server.port}/0"
+
+
+def _objects(moto_endpoint: str, bucket: str) -> int:
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        region_name="us-east-1",
+    )
+    return int(s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0))
+
+
+def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
+    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str
+) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "rrb"), _url(locked_redis), "--storage", f"s3://{s3_bucket}/b", "--debug"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(**_s3_env(moto_endpoint)),
+    )
+    try:
+        with locked_redis.client() as plain:
+            plain.connection_pool.connection_kwargs["password"] = PASSWORD
+            wait_for(lambda: plain.exists("rrb:changes") == 1, timeout=20)
+            for i in range(20):
+                plain.set(f"k:{i}", i)
+            plain.hset("h", mapping={"f": "v"})
+            plain.delete("k:0")
+            wait_for(lambda: _objects(moto_endpoint, s3_bucket) >= 20, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert '"upload.' in err  # the debug log was really captured
+    _assert_clean(out + err)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["rrb", "rrb-bridge", "rrb-upload", "rrb-status", "rrb-restore", "rrb-verify"],
+)
+def test_a_wrong_redis_password_is_refused_without_showing_it(
+    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, command: str
+) -> None:
+    storage = [] if command in ("rrb-bridge", "rrb-status") else ["--storage", f"s3://{s3_bucket}"]
+    result = _run(
+        command,
+        _url(locked_redis, WRONG_PASSWORD),
+        *storage,
+        "--debug",
+        env=_s3_env(moto_endpoint),
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{command}: error:" in result.stderr
+    _assert_clean(result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("command", ["rrb", "rrb-upload", "rrb-restore"])
+def test_an_unreachable_s3_is_one_error_without_the_secret(
+    locked_redis: RedisServer, command: str
+) -> None:
+    gone = f"http://127.0.0.1:{free_port()}"
+    result = _run(
+        command, _url(locked_redis), "--storage", "s3://bucket", "--debug", env=_s3_env(gone)
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{command}: error: cannot reach S3 endpoint {gone}" in result.stderr
+    _assert_clean(result.stdout + result.stderr)
+
+
+def test_an_unreachable_redis_with_a_password_is_one_line_without_it() -> None:
+    url = f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    result = _run("rrb-status", url, "--debug", env={"LOG_LEVEL": "DEBUG"})
+    assert result.returncode == 1
+    assert "user:***@127.0.0.1" in result.stderr
+    _assert_clean(result.stdout + result.stderr)
+
+
+def _value_for(f: dataclasses.Field[Any]) -> Any:
+    if f.name.endswith("_url"):
+        return f"redis://user:{PASSWORD}@127.0.0.1:6379/0"
+    if f.name == "storage":
+        spec = parse_storage_url(
+            "s3://bucket/base", env={"S3_ACCESS_KEY": "AK", "S3_SECRET_KEY": S3_SECRET_KEY}
+        )
+        return with_sse(spec, "aws:kms", "key-1", env={})
+    if f.name == "tls":
+        return TlsOptions(ca="/ca.pem")
+    raise AssertionError(f"no test value for {f.name}: teach this test about it")
+
+
+def test_the_repr_of_every_config_and_storage_spec_hides_secrets() -> None:
+    classes = [
+        c
+        for c in vars(config).values()
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == config.__name__
+    ]
+    assert {"BridgeConfig", "UploadConfig", "StatusConfig", "RestoreConfig"} <= {
+        c.__name__ for c in classes
+    }
+    for cls in classes:
+        values = {
+            f.name: _value_for(f)
+            for f in dataclasses.fields(cls)
+            if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            or f.name.endswith("_url")
+            or f.name == "storage"
+        }
+        cfg = cls(**values)
+        text = repr(cfg) + str(cfg)
+        assert "***" in text, text
+        _assert_clean(text)
+
+    spec = _value_for(
+        next(f for f in dataclasses.fields(config.RestoreConfig) if f.name == "storage")
+    )
+    _assert_clean(repr(spec))
+    _assert_clean(repr(open_storage(spec)))

@@ -1,0 +1,66 @@
+"""Hot-path pipelines and transactions against a real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rrb_streams.wire.resp import pack, pipeline, transaction
+from tests.support.servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def r(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    # A short socket timeout and no retries, so a missing reply fails fast.
+    client = Redis.from_url(redis_server.url(), socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
+    yield client
+    await client.aclose()
+
+
+def test_resp_packs_commands_as_redis_py_does() -> None:
+    commands = [(b"MULTI",), (b"DUMP", b""), (b"TYPE", b"bin\x00\r\n\xff" * 3000), (b"EXEC",)]
+    packed = Connection().pack_commands(commands)
+    assert pack(commands) == b"".join(bytes(chunk) for chunk in packed)
+
+
+async def test_resp_pipeline_puts_errors_in_place_of_their_replies(r: Redis) -> None:
+    await r.set("s", "v")
+    replies = await pipeline(r, [(b"GET", b"s"), (b"LPUSH", b"s", b"x"), (b"INCR", b"n")])
+    assert replies[0] == b"v" and replies[2] == 1
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert await r.get("s") == b"v"  # the connection is still in step
+
+
+async def test_resp_transaction_runs_atomically_with_errors_in_place(r: Redis) -> None:
+    await r.set("s", "v")
+    replies = await transaction(r, [(b"INCR", b"s"), (b"SET", b"t", b"1"), (b"GET", b"t")])
+    assert isinstance(replies[0], ResponseError) and replies[1:] == [b"OK", b"1"]
+    with pytest.raises(ResponseError, match="wrong number of arguments"):
+        await transaction(r, [(b"SET", b"u", b"1"), (b"GET",)])  # refused while queueing
+    assert await r.exists("u") == 0 and await r.get("t") == b"1"
+
+
+@pytest.mark.parametrize("how", ["pipeline", "transaction"])
+async def test_resp_without_replies_times_out_and_the_client_recovers(
+    r: Redis, redis_server: RedisServer, how: str
+) -> None:
+    run = pipeline if how == "pipeline" else transaction
+    await r.set("k", "v")
+    assert await run(r, [(b"GET", b"k")]) == [b"v"]  # connected before the pause
+    await r.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+    started = anyio.current_time()
+    with pytest.raises(RedisTimeoutError):
+        await run(r, [(b"GET", b"k"), (b"TYPE", b"k")])
+    assert anyio.current_time() - started < 0.9
+    await anyio.sleep(1.0)
+    assert await run(r, [(b"GET", b"k"), (b"TYPE", b"k")]) == [b"v", b"string"]
