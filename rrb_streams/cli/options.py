@@ -100,23 +100,29 @@ def writable_storage(args: argparse.Namespace) -> StorageSpec:
     return with_sse(storage(args), args.s3_sse, args.s3_sse_kms_key_id)
 
 
-def add_own_prefix(p: argparse.ArgumentParser) -> None:
+def add_own_prefix(
+    p: argparse.ArgumentParser, what: str = "rrb's own keys, never backed up"
+) -> None:
+    """``--own-prefix``: where rrb's own keys live."""
     p.add_argument(
         "--own-prefix",
         default=DEFAULT_OWN_PREFIX,
         metavar="PREFIX",
-        help="prefix of rrb's own keys, never backed up (default: %(default)s)",
+        help=f"prefix of {what} (default: %(default)s)",
     )
 
 
 def add_stream(
-    p: argparse.ArgumentParser, holding: str = "the change stream", otherwise: str = "the source"
+    p: argparse.ArgumentParser,
+    holding: str = "the change stream",
+    otherwise: str = "the source",
+    own: str = "rrb's own keys, never backed up",
 ) -> None:
     """``--stream-url`` and ``--own-prefix``."""
     p.add_argument(
         "--stream-url", metavar="URL", help=f"Redis holding {holding} (default: {otherwise})"
     )
-    add_own_prefix(p)
+    add_own_prefix(p, own)
 
 
 def add_bridge(p: argparse.ArgumentParser) -> None:

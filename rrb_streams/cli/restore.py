@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the plan (objects, keys, bytes, a sample) and write nothing",
     )
     p.add_argument("--json", action="store_true", help="print the summary (or plan) as JSON")
-    options.add_stream(p, "the restore stream", "the target")
+    options.add_stream(p, "the restore stream", "the target", "rrb's own keys")
     p.add_argument("--consumer", metavar="NAME", help="writer name (default: <hostname>-<pid>)")
     option(
         "--batch-size",

@@ -22,7 +22,7 @@ def status(argv: Sequence[str] | None = None) -> int:
         "Show the change stream: length, per-group pending and lag, consumers, dead letters.",
         "Redis holding the change stream (default: $REDIS_SERVER, else redis://localhost:6379/0)",
     )
-    options.add_own_prefix(p)
+    options.add_own_prefix(p, "rrb's keys")
     p.add_argument("--json", action="store_true", help="print JSON")
     options.add_tls(p)
     args = p.parse_args(argv)
