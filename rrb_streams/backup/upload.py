@@ -13,7 +13,7 @@ An uploader process runs:
 - a **keep-alive** task that resets the idle time of every entry this process holds
   (``XCLAIM … JUSTID`` to itself), so while it waits out a storage outage, or a batch waits in
   the stream to the workers, live consumers do not claim its work;
-- a **trim** task: ``changes.trim`` every ``trim_interval`` seconds.
+- a **trim** task: :func:`rrb_streams.wire.group.trim` every ``trim_interval`` seconds.
 
 **Last write wins per key.** Each key is read and written under a per-key lease on the stream
 Redis, and read only after the lease is taken, so a later holder always stores a newer state. A

@@ -2,16 +2,16 @@
 
 A process:
 
-1. checks the target (reachable, writable, accepts ``RESTORE``; its RDB version and clock)
-   and, for ``--at``, that the backup has versions;
+1. checks the target (reachable, writable, accepts ``RESTORE``; its RDB version and clock:
+   :mod:`rrb_streams.restore.checks`);
 2. joins the run (:mod:`rrb_streams.restore.state`), creating it when it is new;
 3. runs, until the run is finished or :meth:`Restorer.stop`:
 
-   - a **coordinator** that plans the run (:class:`rrb_streams.restore.planner.Planner`) while it
-     holds the planner lock, and takes the lock over when the planning process died;
-   - a **reader**: ``XREADGROUP`` of new entries (each a batch of keys), and every
-     ``claim_idle / 2`` seconds an ``XAUTOCLAIM`` of entries idle for ``claim_idle`` (their
-     writer died). Entries reach the writers through a memory stream without a buffer, so at
+   - a **coordinator** that plans the run (:class:`rrb_streams.restore.planner.Planner`)
+     while it holds the planner lock, and takes the lock over when the planning process died;
+   - a **reader** (:class:`rrb_streams.wire.group.GroupReader`): ``XREADGROUP`` of new
+     entries (each a batch of keys), and every ``claim_idle / 2`` seconds an ``XAUTOCLAIM`` of
+     entries idle for ``claim_idle`` (their writer died). Entries reach the writers through a memory stream without a buffer, so at
      most ``concurrency + 1`` batches are in memory;
    - ``concurrency`` **writers**, each with one entry at a time:
      :meth:`rrb_streams.restore.writer.Writer.apply`, then the ack;

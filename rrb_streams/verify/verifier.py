@@ -10,9 +10,9 @@ own keys never count):
 
 **Two passes, bounded memory.**
 
-1. *Storage to source.* The listing is walked in name order through :func:`plan.select`
-   (latest-state objects and ``--versioning`` versions alike: the newest read wins, and a
-   tombstone there means absent). Chunks of keys are fetched (``get_many``, a few slices at a
+1. *Storage to source.* The listing is walked in name order through
+   :func:`rrb_streams.format.selection.select` (latest-state objects and ``--versioning``
+   versions alike: the newest read wins, and a tombstone there means absent). Chunks of keys are fetched (``get_many``, a few slices at a
    time) and read from the source with the uploader's own read (:class:`Source`: ``DUMP``,
    expiry and ``TYPE`` in one transaction), so both sides are compared as the pipeline sees
    them. Each key that storage holds as live leaves 8 bytes behind: the first 8 bytes of its
