@@ -97,7 +97,7 @@ class Rescanner:
             dbs = [self._db] if not self._cfg.all_dbs else await self._databases(generation)
             counts = None if dbs is None else await self._scan(send, generation, dbs)
             if counts is None:
-                self._log.info("bridge.rescan_restarted", reasons=reasons)
+                self._log.info("bridge.rescan_restarted", reasons=list(reasons))
                 continue
             keys, gone, skipped = counts
             self._log.info(

@@ -11,8 +11,8 @@ A process:
      while it holds the planner lock, and takes the lock over when the planning process died;
    - a **reader** (:class:`rrb_streams.wire.group.GroupReader`): ``XREADGROUP`` of new
      entries (each a batch of keys), and every ``claim_idle / 2`` seconds an ``XAUTOCLAIM`` of
-     entries idle for ``claim_idle`` (their writer died). Entries reach the writers through a memory stream without a buffer, so at
-     most ``concurrency + 1`` batches are in memory;
+     entries idle for ``claim_idle`` (their writer died). Entries reach the writers through
+     a memory stream without a buffer, so at most ``concurrency + 1`` batches are in memory;
    - ``concurrency`` **writers**, each with one entry at a time:
      :meth:`rrb_streams.restore.writer.Writer.apply`, then the ack;
    - **progress**, from the run's counters, so it counts every process's work.

@@ -12,12 +12,12 @@ own keys never count):
 
 1. *Storage to source.* The listing is walked in name order through
    :func:`rrb_streams.format.selection.select` (latest-state objects and ``--versioning``
-   versions alike: the newest read wins, and a tombstone there means absent). Chunks of keys are fetched (``get_many``, a few slices at a
-   time) and read from the source with the uploader's own read (:class:`Source`: ``DUMP``,
-   expiry and ``TYPE`` in one transaction), so both sides are compared as the pipeline sees
-   them. Each key that storage holds as live leaves 8 bytes behind: the first 8 bytes of its
-   SHA-256, in a sorted array per db (8 MB per million keys; the listing is already in hash
-   order, so nothing is sorted).
+   versions alike: the newest read wins, and a tombstone there means absent). Chunks of keys
+   are fetched (``get_many``, a few slices at a time) and read from the source with the
+   uploader's own read (:class:`Source`: ``DUMP``, expiry and ``TYPE`` in one transaction), so
+   both sides are compared as the pipeline sees them. Each key that storage holds as live
+   leaves 8 bytes behind: the first 8 bytes of its SHA-256, in a sorted array per db (8 MB per
+   million keys; the listing is already in hash order, so nothing is sorted).
 2. *Source to storage.* ``SCAN … MATCH`` walks the source; a key whose hash prefix is not in
    the array is a ``missing`` candidate. Two keys sharing a 64-bit prefix would hide one
    missing key; at a million keys the odds are below one in ten billion.
