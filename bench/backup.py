@@ -33,10 +33,11 @@ from typing import Any
 
 import redis
 
-from bench.common import median, percentile, rss_mb, spawn, terminate, wait_until
+from bench.common import median, percentile, rss_mb, spawn, terminate
 from bench.common import redis as start_redis
 from rrb_streams.format import layout
 from rrb_streams.wire.keys import OwnKeys
+from tests.support.wait import wait_for
 
 OWN = OwnKeys()
 VALUE = b"v" * 64
@@ -94,7 +95,7 @@ def bench_bulk(work: Path, n: int = 20_000) -> dict[str, float]:
         t0 = time.perf_counter()
         proc = spawn("rrb", server.url(), "--storage", str(out), log=work / "rrb.log")
         try:
-            wait_until(lambda: out.exists() and count_backups(out) >= n, 300, 0.05)
+            wait_for(lambda: out.exists() and count_backups(out) >= n, 300, 0.05)
             ours = time.perf_counter() - t0
         finally:
             terminate(proc)
@@ -150,7 +151,7 @@ def bench_capture(work: Path, rates: list[int], seconds: float = 5.0) -> dict[st
     results: dict[str, Any] = {}
     try:
         with server.client() as c:
-            wait_until(lambda: c.exists(OWN.stream) == 1, 30)
+            wait_for(lambda: c.exists(OWN.stream) == 1, 30, 0.02)
             time.sleep(0.5)
             last = "0-0"
             best = 0
@@ -192,7 +193,7 @@ def bench_lag(work: Path, rate: int = 1000, seconds: float = 10.0) -> dict[str, 
     written_at: dict[bytes, float] = {}
     try:
         with server.client() as c:
-            wait_until(lambda: c.exists(OWN.stream) == 1, 30)
+            wait_for(lambda: c.exists(OWN.stream) == 1, 30, 0.02)
             time.sleep(1.0)
 
             def make(i: int) -> tuple[bytes, bytes]:
@@ -201,7 +202,7 @@ def bench_lag(work: Path, rate: int = 1000, seconds: float = 10.0) -> dict[str, 
                 return key, VALUE
 
             total, _ = paced_writes(c, rate, seconds, make)
-            wait_until(lambda: count_backups(out) >= total, 60, 0.1)
+            wait_for(lambda: count_backups(out) >= total, 60, 0.1)
         lags = [
             os.stat(out / layout.latest_name("", 0, key)).st_mtime - t
             for key, t in written_at.items()
@@ -218,7 +219,7 @@ def bench_hotkey(work: Path, rate: int = 1000, seconds: float = 10.0) -> dict[st
     proc = spawn("rrb", server.url(), "--storage", str(out), "--versioning", log=work / "rrb.log")
     try:
         with server.client() as c:
-            wait_until(lambda: c.exists(OWN.stream) == 1, 30)
+            wait_for(lambda: c.exists(OWN.stream) == 1, 30, 0.02)
             time.sleep(1.0)
             total, _ = paced_writes(c, rate, seconds, lambda i: (b"hot", b"%d" % i))
 
@@ -226,7 +227,7 @@ def bench_hotkey(work: Path, rate: int = 1000, seconds: float = 10.0) -> dict[st
                 groups = c.xinfo_groups(OWN.stream)
                 return bool(groups) and all(g["pending"] == 0 and g["lag"] == 0 for g in groups)
 
-            wait_until(drained, 60, 0.1)
+            wait_for(drained, 60, 0.1)
         versions = out / layout.versions_prefix("", 0, b"hot")
         puts = len([f for f in versions.iterdir() if f.name.endswith(layout.BACKUP_SUFFIX)])
     finally:
@@ -243,7 +244,7 @@ def bench_memory(work: Path, rate: int = 5000, seconds: float = 60.0) -> dict[st
     samples: dict[str, list[float]] = {"bridge": [], "upload": []}
     try:
         with server.client() as c:
-            wait_until(lambda: c.exists(OWN.stream) == 1, 30)
+            wait_for(lambda: c.exists(OWN.stream) == 1, 30, 0.02)
             per_second = rate
             start = time.perf_counter()
             n = 0

@@ -1,18 +1,15 @@
-"""Shared pieces of the benchmarks: commands, servers, process memory, medians."""
+"""Shared pieces of the benchmarks: commands, servers, process memory, medians.
+
+Waiting is :func:`tests.support.wait.wait_for`, as in the tests."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.servers import RedisServer
-
-BIN = Path(sys.executable).parent
+from tests.support.proc import BIN
+from tests.support.servers import RedisServer, child_env
 
 
 def command(name: str, *args: str) -> list[str]:
@@ -22,9 +19,8 @@ def command(name: str, *args: str) -> list[str]:
 
 def spawn(name: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     """Start one of our commands with its logs in ``log``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
-    env["LOG_LEVEL"] = "WARNING"
     out = log.open("ab")
+    env = child_env(LOG_LEVEL="WARNING")
     return subprocess.Popen(command(name, *args), stdout=out, stderr=out, env=env)
 
 
@@ -52,16 +48,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
 def redis(workdir: Path, *args: str) -> RedisServer:
     """A fresh redis-server for one run."""
     return RedisServer(workdir, *args).start()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:
-    """Poll ``pred`` until true; return the seconds it took. Raises TimeoutError."""
-    start = time.perf_counter()
-    while not pred():
-        if time.perf_counter() - start > timeout:
-            raise TimeoutError(f"not done after {timeout} s")
-        time.sleep(interval)
-    return time.perf_counter() - start
 
 
 def median(values: list[float]) -> float:

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,7 +45,9 @@ from rrb_streams.storage.base import Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.s3 import S3Storage
 from rrb_streams.wire import resp
-from tests.support.servers import free_port
+from tests.support.proc import BIN
+from tests.support.servers import child_env, free_port
+from tests.support.wait import wait_for
 
 VALUE = b"v" * 64
 S3_CONCURRENCY = 8
@@ -116,9 +116,7 @@ def run_restore(
     sample_rss: bool = False,
 ) -> tuple[float, float]:
     """Run ``rrb-restore`` to the end: (seconds, peak RSS in MiB)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
-    full_env.update(env or {})
-    full_env["LOG_LEVEL"] = "WARNING"
+    full_env = child_env(**{**(env or {}), "LOG_LEVEL": "WARNING"})
     start = time.perf_counter()
     proc = subprocess.Popen(
         command("rrb-restore", target_url, "--storage", storage_url, *args),
@@ -181,21 +179,25 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (workdir / "moto.log").open("wb")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=log,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
+
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, endpoint
+                return True
         except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
+            return False
+
+    try:
+        wait_for(listening, 20, 0.1)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError("moto_server did not start") from None
+    return proc, endpoint
 
 
 def s3_env(endpoint: str, bucket: str) -> dict[str, str]:

@@ -44,10 +44,11 @@ from typing import Any
 import redis
 
 from bench.backup import count_backups, raw_backup
-from bench.common import median, spawn, terminate, wait_until
+from bench.common import median, spawn, terminate
 from bench.common import redis as start_redis
 from rrb_streams.wire.entries import entry_fields
 from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
+from tests.support.wait import wait_for
 
 OWN = OwnKeys()
 VALUE = b"v" * 64
@@ -142,7 +143,7 @@ def bench_uploaders(work: Path, n: int, k: int, profile: bool) -> dict[str, Any]
             def joined() -> bool:
                 return len(c.xinfo_consumers(OWN.stream, DEFAULT_GROUP)) == k
 
-            wait_until(joined, 60)
+            wait_for(joined, 60, 0.02)
             if profile:
                 spy = subprocess.Popen(
                     [
@@ -159,7 +160,7 @@ def bench_uploaders(work: Path, n: int, k: int, profile: bool) -> dict[str, Any]
             t0 = time.perf_counter()
             c.xgroup_setid(OWN.stream, DEFAULT_GROUP, "0")
             c.xadd(OWN.stream, entry_fields(0, b"k:00000000", "set", int(time.time() * 1000)))
-            wait_until(lambda: _released(c), 600, 0.01)
+            wait_for(lambda: _released(c), 600, 0.01)
             seconds = time.perf_counter() - t0
             after = [cpu_ticks(p) for p in pids], cpu_ticks(server.proc.pid), machine_ticks()
         stored = count_backups(out)

@@ -1,20 +1,22 @@
-"""Shared fixtures: real redis-server processes, a moto S3 server, storage backends."""
+"""Shared fixtures: real redis-server processes, a moto S3 server, storage backends, our
+commands as processes."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import structlog
 from moto.server import ThreadedMotoServer
 
+from rrb_streams.storage.base import Storage
+from rrb_streams.storage.url import StorageSpec
+from tests.support.moto import boto_client, s3_env, s3_spec
+from tests.support.proc import Command
+from tests.support.restoring import fs_spec, opened
 from tests.support.servers import RedisServer, free_port
-
-S3_ACCESS_KEY = "testing-access"
-S3_SECRET_KEY = "testing-secret-do-not-log"
 
 
 @pytest.fixture
@@ -69,15 +71,33 @@ _bucket_counter = itertools.count()
 def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A new empty bucket on the moto server; S3_* variables point at it."""
     name = f"rrb-test-{next(_bucket_counter)}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    ).create_bucket(Bucket=name)
-    monkeypatch.setenv("S3_SERVER", moto_endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY", S3_ACCESS_KEY)
-    monkeypatch.setenv("S3_SECRET_KEY", S3_SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    boto_client(moto_endpoint).create_bucket(Bucket=name)
+    for variable, value in s3_env(moto_endpoint).items():
+        monkeypatch.setenv(variable, value)
     return name
+
+
+@pytest.fixture
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StorageSpec:
+    """Where the test's backup is kept: the folder ``tmp_path / "backup"``, or, parametrized
+    indirectly with ``"s3"``, a fresh bucket on the moto server under ``base/``."""
+    if getattr(request, "param", "fs") == "fs":
+        return fs_spec(tmp_path / "backup")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    return s3_spec(bucket, request.getfixturevalue("moto_endpoint"), base="base/")
+
+
+@pytest.fixture
+async def storage(spec: StorageSpec) -> AsyncIterator[Storage]:
+    """The backend ``spec`` names, built as the commands build it; closed at the end."""
+    async with opened(spec) as backend:
+        yield backend
+
+
+@pytest.fixture
+def commands() -> Iterator[list[Command]]:
+    """Commands the test started (append them): each is stopped when the test ends."""
+    started: list[Command] = []
+    yield started
+    for c in started:
+        c.ensure_stopped()

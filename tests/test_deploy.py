@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -43,8 +42,8 @@ from tests.support.deployfiles import (
     systemd_commands,
     unit,
 )
+from tests.support.proc import BIN
 
-BIN = Path(sys.executable).parent
 METRICS_PORT = 9121
 # The oldest Kubernetes the manifests must suit; schemas are bundled for 1.25 onwards.
 KUBE_VERSION = "1.30.0"

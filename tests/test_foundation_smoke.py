@@ -1,3 +1,4 @@
+from tests.support.moto import boto_client
 from tests.support.servers import RedisServer
 
 
@@ -8,14 +9,6 @@ def test_redis_fixture_starts_a_real_server(redis_server: RedisServer) -> None:
 
 
 def test_moto_fixture_serves_a_bucket(s3_bucket: str, moto_endpoint: str) -> None:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="a",
-        aws_secret_access_key="b",
-    )
+    s3 = boto_client(moto_endpoint)
     s3.put_object(Bucket=s3_bucket, Key="a", Body=b"1")
     assert s3.get_object(Bucket=s3_bucket, Key="a")["Body"].read() == b"1"

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +17,10 @@ from rrb_streams.config import BridgeConfig
 from rrb_streams.errors import DependencyError, NotificationsRefused
 from rrb_streams.wire.entries import Change, parse_entry
 from rrb_streams.wire.keys import OwnKeys
-from tests.support.servers import RedisServer, child_env, free_port
-from tests.support.wait import wait_for
+from tests.support import pipeline
+from tests.support.proc import Command
+from tests.support.servers import RedisServer, free_port
+from tests.support.wait import until, wait_for, wait_log
 
 pytestmark = pytest.mark.anyio
 
@@ -45,17 +43,9 @@ async def client(url: str) -> AsyncIterator[Redis]:
         await r.aclose()
 
 
-@asynccontextmanager
-async def running(cfg: BridgeConfig, within: float = 30) -> AsyncIterator[Bridge]:
-    """The bridge running in this test's task group; stopped (and awaited) on the way out."""
-    bridge = Bridge(cfg)
-    with anyio.fail_after(within):
-        async with anyio.create_task_group() as tg:
-            await tg.start(bridge.run)
-            try:
-                yield bridge
-            finally:
-                bridge.stop()
+def running(cfg: BridgeConfig) -> AbstractAsyncContextManager[None]:
+    """A bridge running in this test's task group; stopped (and awaited) on the way out."""
+    return pipeline.running(Bridge(cfg))
 
 
 async def changes(r: Redis, after: str = "-") -> list[Change]:
@@ -66,34 +56,21 @@ async def wait_changes(
     r: Redis, predicate: Callable[[list[Change]], bool], after: str = "-", within: float = 10
 ) -> list[Change]:
     got: list[Change] = []
-    with anyio.move_on_after(within):
-        while True:
-            got = await changes(r, after)
-            if predicate(got):
-                return got
-            await anyio.sleep(0.05)
-    pytest.fail(f"stream never satisfied the test; it holds {[(c.key, c.event) for c in got]}")
+
+    async def satisfied() -> bool:
+        nonlocal got
+        got = await changes(r, after)
+        return predicate(got)
+
+    try:
+        await until(satisfied, within=within, interval=0.05)
+    except TimeoutError:
+        pytest.fail(f"stream never satisfied the test; it holds {[(c.key, c.event) for c in got]}")
+    return got
 
 
 def has(*pairs: tuple[bytes, str]) -> Callable[[list[Change]], bool]:
     return lambda got: set(pairs) <= {(c.key, c.event) for c in got}
-
-
-async def wait_log(logs: list[dict[str, Any]], **fields: Any) -> None:
-    """Wait until a captured log entry has all of ``fields``."""
-    with anyio.fail_after(10):
-        while True:
-            if any(fields.items() <= entry.items() for entry in logs):
-                return
-            await anyio.sleep(0.05)
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]]) -> None:
-    with anyio.fail_after(10):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.05)
 
 
 async def last_id(r: Redis) -> str:
@@ -374,7 +351,7 @@ async def test_bridge_source_restart_rescans(redis_server: RedisServer) -> None:
                     flags = await r.config_get("notify-keyspace-events")
                     return "K" in flags["notify-keyspace-events"]
 
-                await wait_until(notifying)
+                await until(notifying, within=10, interval=0.05)
                 await r.set("fresh", "v")
                 await wait_changes(
                     r, has((b"kept", "scan"), (b"saved", "scan"), (b"fresh", "set")), after=before
@@ -400,7 +377,7 @@ async def test_bridge_stream_redis_outage_and_restart(redis_factory: Factory) ->
                 async def grouped() -> bool:
                     return bool(await rs.xinfo_groups(STREAM))
 
-                await wait_until(grouped)
+                await until(grouped, within=10, interval=0.05)
     assert ("bridge.recovered", "write") in {(e["event"], e.get("stage")) for e in logs}
 
 
@@ -442,60 +419,44 @@ async def test_bridge_unreachable_redis_is_a_dependency_error(
 
 # -- the command, as a process ---------------------------------------------------------------
 
-BRIDGE_COMMAND = Path(sys.executable).parent / "rrb-bridge"
+
+def bridge_command(server: RedisServer, log: Path) -> Command:
+    return Command("rrb-bridge", server.url(), log=log, LOG_LEVEL="INFO")
 
 
-@contextmanager
-def bridge_process(server: RedisServer, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(BRIDGE_COMMAND), server.url()],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=child_env(LOG_LEVEL="INFO"),
-        )
+def wait_text(bridge: Command, text: str, count: int = 1, timeout: float = 15) -> None:
     try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        wait_for(lambda: bridge.output().count(text) >= count, timeout=timeout)
+    except TimeoutError:
+        pytest.fail(f"no {text!r} in:\n{bridge.output()}")
 
 
-def wait_text(log: Path, text: str, count: int = 1, timeout: float = 15) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while log.read_text(errors="replace").count(text) < count:
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{log.read_text()}"
-        time.sleep(0.05)
-
-
-def test_bridge_killed_9_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> None:
-    log = tmp_path / "bridge.log"
+def test_bridge_killed_9_loses_nothing(
+    redis_server: RedisServer, commands: list[Command], tmp_path: Path
+) -> None:
+    bridge = bridge_command(redis_server, tmp_path / "bridge.log")
     with redis_server.client() as c:
-        with bridge_process(redis_server, log) as proc:
-            wait_text(log, "bridge.rescan_done")
-            c.set("live", "v")
-            wait_for(lambda: c.xlen(STREAM) >= 1)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        commands.append(bridge.start())
+        wait_text(bridge, "bridge.rescan_done")
+        c.set("live", "v")
+        wait_for(lambda: c.xlen(STREAM) >= 1)
+        bridge.kill9()
         ((last, _),) = c.xrevrange(STREAM, count=1)
         c.set("changed:1", "v")
         c.hset("changed:2", "f", "v")
         c.lpush("changed:3", "x")
-        with bridge_process(redis_server, log) as proc:
-            wait_text(log, "bridge.rescan_done", count=2)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(15) == 0
+        commands.append(bridge.start())
+        wait_text(bridge, "bridge.rescan_done", count=2)
+        assert bridge.terminate(15) == 0
         new = {fields[b"key"] for _, fields in c.xrange(STREAM, min=b"(" + last)}
     assert {b"changed:1", b"changed:2", b"changed:3"} <= new
 
 
-def test_bridge_sigterm_exits_0(redis_server: RedisServer, tmp_path: Path) -> None:
-    log = tmp_path / "bridge.log"
-    with bridge_process(redis_server, log) as proc:
-        wait_text(log, "bridge.subscribed")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0, log.read_text()
-    assert "Traceback" not in log.read_text()
+def test_bridge_sigterm_exits_0(
+    redis_server: RedisServer, commands: list[Command], tmp_path: Path
+) -> None:
+    bridge = bridge_command(redis_server, tmp_path / "bridge.log")
+    commands.append(bridge.start())
+    wait_text(bridge, "bridge.subscribed")
+    assert bridge.terminate(15) == 0, bridge.output()
+    assert "Traceback" not in bridge.output()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,9 @@ from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.wire.entries import entry_fields, parse_entry
 from rrb_streams.wire.keys import OwnKeys
-from tests.support.servers import RedisServer, child_env
-from tests.support.wait import wait_for
+from tests.support.proc import Command
+from tests.support.servers import RedisServer
+from tests.support.wait import until, wait_for, wait_log
 
 OWN = OwnKeys()
 KEY = OWN.leader
@@ -47,14 +47,6 @@ def leadership(r: Redis, lease: float, **kwargs: Any) -> Leadership:
 
 def entry(key: bytes) -> tuple[bytes, ...]:
     return tuple(x for pair in entry_fields(0, key, "set", 1).items() for x in pair)
-
-
-async def wait_log(logs: list[dict[str, Any]], within: float = 10, **fields: Any) -> None:
-    with anyio.fail_after(within):
-        while True:
-            if any(fields.items() <= e.items() for e in logs):
-                return
-            await anyio.sleep(0.02)
 
 
 def test_leader_key_is_under_the_own_prefix() -> None:
@@ -252,11 +244,7 @@ async def test_two_bridges_only_the_leader_writes_and_a_stopped_leader_hands_ove
                 return sum(c.key == key for c in got)
 
             async def arrived(key: bytes) -> None:
-                with anyio.fail_after(5):
-                    while True:
-                        if await entries(key):
-                            return
-                        await anyio.sleep(0.05)
+                await until(lambda: entries(key), within=5, interval=0.05)
 
             await arrived(b"once")
             await anyio.sleep(0.5)
@@ -274,28 +262,17 @@ async def test_two_bridges_only_the_leader_writes_and_a_stopped_leader_hands_ove
 
 
 def test_rrb_bridge_stopped_by_sigterm_releases_the_lease(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, commands: list[Command], tmp_path: Path
 ) -> None:
     log = tmp_path / "bridge.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "rrb-bridge"), redis_server.url()],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=child_env(LOG_LEVEL="INFO"),
-        )
-    try:
-        with redis_server.client() as c:
-            wait_for(lambda: c.get(KEY) is not None)
-            assert c.get(KEY).decode().startswith(f"{socket.gethostname()}-{proc.pid}-")
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(15) == 0, log.read_text()
-            assert c.get(KEY) is None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-    assert "bridge.lease_released" in log.read_text()
+    process = Command("rrb-bridge", redis_server.url(), log=log, LOG_LEVEL="INFO")
+    commands.append(process.start())
+    with redis_server.client() as c:
+        wait_for(lambda: c.get(KEY) is not None)
+        assert c.get(KEY).decode().startswith(f"{socket.gethostname()}-{process.pid}-")
+        assert process.terminate(15) == 0, process.output()
+        assert c.get(KEY) is None
+    assert "bridge.lease_released" in process.output()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
@@ -16,6 +14,7 @@ from rrb_streams.backup.notify import (
     suggested_value,
 )
 from tests.support.servers import RedisServer
+from tests.support.wait import wait_for
 
 
 @pytest.mark.parametrize(
@@ -91,16 +90,21 @@ def received(c: redis.Redis, patterns: list[str], keys: list[bytes]) -> list[byt
         c.publish(b"__keyspace@0__:" + key, b"set")
     c.publish(b"__keyspace@0__:end-marker", b"set")
     got: list[bytes] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def reached_the_end_marker() -> bool:
         message = pubsub.get_message(timeout=1)
         if message is None:
-            continue
+            return False
         key = message["channel"][len(b"__keyspace@0__:") :]
         if key == b"end-marker":
-            break
+            return True
         got.append(key)
-    pubsub.close()
+        return False
+
+    try:
+        wait_for(reached_the_end_marker, timeout=5, interval=0)
+    finally:
+        pubsub.close()
     return got
 
 

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.fs import FsStorage
-from rrb_streams.storage.s3 import S3Storage
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.support.dataset import restore_latest, snapshot
+from tests.support.moto import moto_storage
 from tests.support.pipeline import running_pipeline, wait_drained
 from tests.support.servers import RedisServer
 
 LONG_KEY = b"long:" + b"k" * 10_000
 BINARY_KEY = b"bin:\x00\xff\r\n\x80key"
-
-
-def moto_storage(bucket: str, endpoint: str, base: str = "") -> S3Storage:
-    """S3 storage on the test moto server."""
-    return S3Storage(
-        bucket,
-        base=base,
-        endpoint_url=endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
 
 
 def populate_before(c: object) -> None:
@@ -96,12 +80,8 @@ async def round_trip(redis_factory: object, storage: Storage) -> None:
 
 
 @pytest.mark.anyio
-async def test_pipeline_round_trip_to_a_folder(redis_factory: object, tmp_path: Path) -> None:
-    storage = FsStorage(tmp_path / "backup")
-    try:
-        await round_trip(redis_factory, storage)
-    finally:
-        await storage.close()
+async def test_pipeline_round_trip_to_a_folder(redis_factory: object, storage: Storage) -> None:
+    await round_trip(redis_factory, storage)
 
 
 @pytest.mark.anyio

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -22,82 +20,22 @@ from rrb_streams.format.layout import key_hash, latest_name, parse_name
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.memory import MemoryStorage
 from rrb_streams.wire.entries import entry_fields
-from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
 from tests.support.dataset import restore_latest, snapshot
 from tests.support.faulty import FaultyStorage
+from tests.support.pipeline import drained, running
 from tests.support.servers import RedisServer, free_port
-
-OWN = OwnKeys()
-STREAM, DEAD, GROUP = OWN.stream, OWN.dead, DEFAULT_GROUP
-
-
-def config(server: RedisServer, **overrides: Any) -> UploadConfig:
-    settings: dict[str, Any] = {
-        "consumer": "u1",
-        "concurrency": 2,
-        "linger": 0.01,
-        "claim_idle": 30.0,
-        "lease": 5.0,
-        "max_attempts": 3,
-        "max_backoff": 0.1,
-        "trim_interval": 60.0,
-    }
-    settings.update(overrides)
-    return UploadConfig(source_url=server.url(), **settings).validate()
-
-
-def note(c: redis.Redis, *keys: bytes | str, db: int = 0, ev: str = "set") -> list[str]:
-    """Add one change entry per key, as the bridge would."""
-    ids = []
-    for key in keys:
-        raw = key.encode() if isinstance(key, str) else key
-        fields = entry_fields(db, raw, ev, int(time.time() * 1000))
-        ids.append(c.xadd(STREAM, fields).decode())  # type: ignore[arg-type]
-    return ids
-
-
-def create_group(c: redis.Redis) -> None:
-    c.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-
-
-def drained(c: redis.Redis) -> bool:
-    """Everything in the stream was delivered to the group and acknowledged."""
-    if not c.exists(STREAM):
-        return False
-    [group] = c.xinfo_groups(STREAM)
-    last = c.xinfo_stream(STREAM)["last-generated-id"]
-    return bool(group["pending"] == 0 and group["last-delivered-id"] == last)
-
-
-def pending(c: redis.Redis) -> int:
-    return int(c.xpending(STREAM, GROUP)["pending"])
-
-
-async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    with anyio.fail_after(within):
-        while True:
-            if predicate():
-                return
-            await anyio.sleep(0.02)
-
-
-@asynccontextmanager
-async def running(*uploaders: Uploader, within: float = 30.0) -> AsyncIterator[None]:
-    """Uploaders running for the block; stopped (and awaited) when it ends."""
-    with anyio.fail_after(within):
-        async with anyio.create_task_group() as tg:
-            for u in uploaders:
-                await tg.start(u.run)
-            try:
-                yield
-            finally:
-                for u in uploaders:
-                    u.stop()
-
-
-def latest(storage: MemoryStorage, key: bytes, db: int = 0) -> codec.KeyRecord | None:
-    data = storage.objects.get(latest_name("", db, key))
-    return None if data is None else codec.decode(data)
+from tests.support.uploading import (
+    DEAD,
+    GROUP,
+    OWN,
+    STREAM,
+    config,
+    create_group,
+    latest,
+    note,
+    pending,
+)
+from tests.support.wait import until
 
 
 def populate_every_type(c: redis.Redis) -> list[bytes]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import redis
 
 from rrb_streams.format.layout import latest_name
 from tests.support.dataset import snapshot
+from tests.support.pipeline import drained
+from tests.support.proc import BIN, run_command
 from tests.support.restoring import own_keys
 from tests.support.servers import RedisServer, child_env
 from tests.support.wait import wait_for
 
-BIN = Path(sys.executable).parent
-DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 PASSWORD = "acl-test-pw"
 
 Factory = Callable[..., RedisServer]
@@ -104,24 +104,6 @@ def _stop(p: subprocess.Popen[str]) -> None:
     assert p.returncode == 0, err[-3000:]
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-
-
-def _drained(c: redis.Redis) -> bool:
-    if not c.exists("rrb:changes"):
-        return False
-    groups = c.xinfo_groups("rrb:changes")
-    return bool(groups) and all(g["pending"] == 0 and g.get("lag") == 0 for g in groups)
-
-
 def _change(c: redis.Redis, tag: str) -> None:
     for i in range(10):
         c.set(f"{tag}:s{i}", i)
@@ -151,28 +133,28 @@ def test_every_command_does_its_job_with_exactly_the_documented_rules(
 
         bridge = _start(procs, "rrb-bridge", _url(source, "rrb-bridge"))
         upload = _start(procs, "rrb-upload", _url(source, "rrb-upload"), "--storage", str(folder))
-        wait_for(lambda: c.pubsub_numpat() > 0 and _drained(c), timeout=20)
+        wait_for(lambda: c.pubsub_numpat() > 0 and drained(c), timeout=20)
         _change(c, "split")
-        wait_for(lambda: _stored(folder, "split") and _drained(c), timeout=20)
+        wait_for(lambda: _stored(folder, "split") and drained(c), timeout=20)
         _stop(bridge)
         _stop(upload)
         assert _refusals(source, {"rrb-bridge", "rrb-upload"}) == []
 
-        shown = _run("rrb-status", _url(source, "rrb-status"), "--json")
+        shown = run_command("rrb-status", _url(source, "rrb-status"), "--json")
         assert shown.returncode == 0, shown.stderr
         assert '"drained": true' in shown.stdout
 
-        checked = _run("rrb-verify", _url(source, "rrb-verify"), "--storage", str(folder))
+        checked = run_command("rrb-verify", _url(source, "rrb-verify"), "--storage", str(folder))
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
         # One process doing both, as the rrb user; then a difference for --repair to queue.
         both = _start(procs, "rrb", _url(source, "rrb"), "--storage", str(folder))
         wait_for(lambda: c.pubsub_numpat() > 0, timeout=20)
         _change(c, "both")
-        wait_for(lambda: _stored(folder, "both") and _drained(c), timeout=20)
+        wait_for(lambda: _stored(folder, "both") and drained(c), timeout=20)
         _stop(both)
         c.set("missed", "while nothing ran")
-        repaired = _run(
+        repaired = run_command(
             "rrb-verify",
             _url(source, "rrb-verify"),
             "--storage",
@@ -189,7 +171,7 @@ def test_every_command_does_its_job_with_exactly_the_documented_rules(
 
     target = redis_factory()
     _apply(target)
-    restored = _run(
+    restored = run_command(
         "rrb-restore", _url(target, "rrb-restore"), "--storage", str(folder), "--claim-idle", "1"
     )
     assert restored.returncode == 0, restored.stderr

@@ -13,17 +13,17 @@ import redis
 from rrb_streams.attime import format_at
 from rrb_streams.format import codec, layout
 from rrb_streams.format.legacy import encode_legacy, legacy_name
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.support.dataset import snapshot
+from tests.support.moto import S3_SECRET_KEY, s3_env, s3_spec
+from tests.support.proc import one_line
 from tests.support.restoring import (
     backup_keys,
     dumped_record,
     fs_spec,
-    open_spec,
+    opened,
     own_keys,
     populate_every_type,
     run_cli,
-    s3_spec,
     total_keys,
 )
 from tests.support.servers import RedisServer, free_port
@@ -36,23 +36,13 @@ def backed_up(source: RedisServer, folder: Path, bulk: int = 30) -> dict[bytes, 
     """Fill ``source`` and store its keys in ``folder``; returns each key's object name."""
 
     async def go() -> dict[bytes, str]:
-        storage = open_spec(fs_spec(folder))
-        try:
+        async with opened(fs_spec(folder)) as storage:
             with source.client() as c:
                 return await backup_keys(c, storage)
-        finally:
-            await storage.close()
 
     with source.client() as c:
         populate_every_type(c, bulk=bulk)
     return anyio.run(go)
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert "Traceback" not in lines[0]
-    return lines[0]
 
 
 def test_cli_restores_prints_a_summary_and_a_second_run_starts_over(
@@ -192,8 +182,7 @@ def test_cli_at_restores_the_version_read_at_or_before_it(
     t1, t2 = 1_790_000_000_000_000, 1_790_000_000_500_000
 
     async def write_versions() -> None:
-        storage = open_spec(fs_spec(folder))
-        try:
+        async with opened(fs_spec(folder)) as storage:
             with source.client() as c:
                 for value, at in ((b"one", t1), (b"two", t2)):
                     c.set(b"k", value)
@@ -201,8 +190,6 @@ def test_cli_at_restores_the_version_read_at_or_before_it(
                     name = layout.version_name("", 0, b"k", at, tombstone=False)
                     await storage.put(name, codec.encode(rec))
             await storage.flush()
-        finally:
-            await storage.close()
 
     anyio.run(write_versions)
     for at, expected in ((format_at(t1 + 250_000), b"one"), ("1790000000.5", b"two")):
@@ -265,25 +252,16 @@ def test_cli_restores_from_s3(
     source, target = redis_factory(), redis_factory()
 
     async def backup() -> None:
-        storage = open_spec(s3_spec(s3_bucket, moto_endpoint, base="backups/"))
-        try:
+        async with opened(s3_spec(s3_bucket, moto_endpoint, base="backups/")) as storage:
             with source.client() as c:
                 populate_every_type(c, bulk=10)
                 await backup_keys(c, storage, prefix="p/")
-        finally:
-            await storage.close()
 
     anyio.run(backup)
     with source.client() as c:
         expected = snapshot(c)
-    env = {
-        "S3_SERVER": moto_endpoint,
-        "S3_ACCESS_KEY": S3_ACCESS_KEY,
-        "S3_SECRET_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     args = (target.url(), "--storage", f"s3://{s3_bucket}/backups", "-P", "p", "--json", *FAST)
-    result = run_cli(*args, env=env)
+    result = run_cli(*args, env=s3_env(moto_endpoint))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["run_totals"]["restored"] == len(expected)
     assert S3_SECRET_KEY not in result.stdout + result.stderr

@@ -9,21 +9,18 @@ from __future__ import annotations
 import dataclasses
 import signal
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from rrb_streams import config
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
 from rrb_streams.wire.tls import TlsOptions
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.support.moto import S3_SECRET_KEY, boto_client, s3_env
+from tests.support.proc import BIN, run_command
 from tests.support.servers import RedisServer, child_env, free_port
 from tests.support.wait import wait_for
 
-BIN = Path(sys.executable).parent
 PASSWORD = "redis-pass-do-not-log-4f1c"
 WRONG_PASSWORD = "wrong-pass-do-not-log-9e2a"
 SECRETS = (PASSWORD, WRONG_PASSWORD, S3_SECRET_KEY)
@@ -35,24 +32,7 @@ def _assert_clean(text: str) -> None:
 
 
 def _s3_env(endpoint: str) -> dict[str, str]:
-    return {
-        "S3_SERVER": endpoint,
-        "S3_ACCESS_KEY": S3_ACCESS_KEY,
-        "S3_SECRET_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LOG_LEVEL": "DEBUG",
-    }
-
-
-def _run(command: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / command), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(**env),
-        check=False,
-    )
+    return {**s3_env(endpoint), "LOG_LEVEL": "DEBUG"}
 
 
 @pytest.fixture
@@ -67,14 +47,8 @@ def _url(server: RedisServer, password: str = PASSWORD) -> str:
 
 
 def _objects(moto_endpoint: str, bucket: str) -> int:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
-    return int(s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0))
+    listed = boto_client(moto_endpoint).list_objects_v2(Bucket=bucket)
+    return int(listed.get("KeyCount", 0))
 
 
 def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
@@ -112,7 +86,7 @@ def test_a_wrong_redis_password_is_refused_without_showing_it(
     locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, command: str
 ) -> None:
     storage = [] if command in ("rrb-bridge", "rrb-status") else ["--storage", f"s3://{s3_bucket}"]
-    result = _run(
+    result = run_command(
         command,
         _url(locked_redis, WRONG_PASSWORD),
         *storage,
@@ -129,7 +103,7 @@ def test_an_unreachable_s3_is_one_error_without_the_secret(
     locked_redis: RedisServer, command: str
 ) -> None:
     gone = f"http://127.0.0.1:{free_port()}"
-    result = _run(
+    result = run_command(
         command, _url(locked_redis), "--storage", "s3://bucket", "--debug", env=_s3_env(gone)
     )
     assert result.returncode == 1, result.stderr
@@ -139,7 +113,7 @@ def test_an_unreachable_s3_is_one_error_without_the_secret(
 
 def test_an_unreachable_redis_with_a_password_is_one_line_without_it() -> None:
     url = f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0"
-    result = _run("rrb-status", url, "--debug", env={"LOG_LEVEL": "DEBUG"})
+    result = run_command("rrb-status", url, "--debug", env={"LOG_LEVEL": "DEBUG"})
     assert result.returncode == 1
     assert "user:***@127.0.0.1" in result.stderr
     _assert_clean(result.stdout + result.stderr)

@@ -9,42 +9,26 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.support.restoring import BIN, backup_keys, fs_spec, open_spec
-from tests.support.servers import RedisServer, child_env, free_port
+from tests.support.proc import one_line, run_command
+from tests.support.restoring import backup_keys, fs_spec, opened
+from tests.support.servers import RedisServer, free_port
 
 
 def run_verify(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "rrb-verify"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-        check=False,
-    )
+    return run_command("rrb-verify", *args, timeout=timeout)
 
 
 def backed_up(server: RedisServer, folder: Path) -> int:
     """A few keys, stored as the uploader stores them; how many."""
 
     async def go() -> int:
-        storage = open_spec(fs_spec(folder))
-        try:
+        async with opened(fs_spec(folder)) as storage:
             with server.client() as c:
                 for i in range(12):
                     c.set(b"k:%02d" % i, b"v%d" % i, px=600_000 if i % 2 else None)
                 return len(await backup_keys(c, storage))
-        finally:
-            await storage.close()
 
     return anyio.run(go)
-
-
-def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if not line.startswith("{")]
-    assert len(lines) == 1, lines
-    assert "Traceback" not in lines[0]
-    return lines[0]
 
 
 def test_cli_clean_backup_exits_0_with_a_summary(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -126,7 +110,7 @@ def test_cli_bad_input_gets_one_line_and_changes_nothing(
         (tmp_path / "b").mkdir(exist_ok=True)
     done = run_verify(*argv, "--repair", timeout=20)
     assert done.returncode == status, done.stderr
-    assert named.format(**fill) in one_line(done.stderr)
+    assert named.format(**fill) in one_line(done.stderr, logs=True)
     assert done.stdout == ""
     assert not (tmp_path / "missing-folder").exists()
     with redis_server.client() as c:

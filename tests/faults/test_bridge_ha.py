@@ -8,11 +8,10 @@ Each scenario reports its takeover time: from the kill (or SIGSTOP) to the new l
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.faults.test_kill import Writer, assert_backup_equals_source
+from tests.support.load import Writer, assert_backup_equals_source
 from tests.support.pipeline import wait_drained
-from tests.support.proc import Command
+from tests.support.proc import Command, log_events
 from tests.support.servers import RedisServer
-from tests.support.wait import wait_for
+from tests.support.wait import until, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -33,16 +32,6 @@ LEASE = 2.0
 MARGIN = 1.0  # scheduling on a shared 2-core machine, the standby's jitter, one round trip
 LEADER_KEY = "rrb:bridge:leader"
 STREAM = "rrb:changes"
-
-
-@pytest.fixture
-def commands() -> Iterator[list[Command]]:
-    started: list[Command] = []
-    yield started
-    for c in started:
-        if c.proc is not None and c.proc.poll() is None:
-            os.kill(c.pid, signal.SIGCONT)  # a stopped process still dies of SIGKILL, but be sure
-        c.ensure_stopped()
 
 
 class Cluster:
@@ -108,35 +97,38 @@ def events(command: Command, *names: str, after: float = 0.0) -> list[dict[str, 
     """The JSON log lines of ``command`` whose event is one of ``names``, logged after
     ``after`` (Unix seconds), each with ``at``: its timestamp in Unix seconds."""
     found = []
-    for line in command.output().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") in names:
-            entry["at"] = datetime.fromisoformat(entry["timestamp"]).timestamp()
-            if entry["at"] > after:
-                found.append(entry)
+    for entry in log_events(command.output(), *names):
+        entry["at"] = datetime.fromisoformat(entry["timestamp"]).timestamp()
+        if entry["at"] > after:
+            found.append(entry)
     return found
 
 
 async def wait_event(command: Command, name: str, after: float, within: float) -> dict[str, Any]:
-    with anyio.fail_after(within):
-        while True:
-            if found := events(command, name, after=after):
-                return found[0]
-            await anyio.sleep(0.02)
+    found: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        nonlocal found
+        found = events(command, name, after=after)
+        return bool(found)
+
+    await until(logged, within=within)
+    return found[0]
 
 
 async def first_entry_after(cluster: Cluster, after_ms: int, within: float) -> int:
     """Milliseconds (the stream Redis's clock) of the first entry added after ``after_ms``,
     watched closely so that trimming cannot hide it."""
-    with cluster.stream.client() as s, anyio.fail_after(within):
-        while True:
+    found: list[Any] = []
+    with cluster.stream.client() as s:
+
+        def added() -> bool:
+            nonlocal found
             found = s.xrange(STREAM, min=f"{after_ms + 1}-0", count=1)
-            if found:
-                return int(found[0][0].split(b"-")[0])
-            await anyio.sleep(0.005)
+            return bool(found)
+
+        await until(added, within=within, interval=0.005)
+    return int(found[0][0].split(b"-")[0])
 
 
 async def test_leader_killed_9_a_standby_takes_over_within_the_lease(
@@ -158,11 +150,14 @@ async def test_leader_killed_9_a_standby_takes_over_within_the_lease(
         # The dead leader's last batch may still be applied within a few ms of the kill.
         first_entry_ms = await first_entry_after(cluster, int(killed * 1000) + 50, LEASE + 10)
         standbys = [b for b in cluster.bridges if b is not leader]
-        with anyio.fail_after(10):
-            while True:
-                if took := [e for b in standbys for e in events(b, "bridge.became_leader")]:
-                    break
-                await anyio.sleep(0.02)
+        took: list[dict[str, Any]] = []
+
+        def taken_over() -> bool:
+            nonlocal took
+            took = [e for b in standbys for e in events(b, "bridge.became_leader")]
+            return bool(took)
+
+        await until(taken_over, within=10)
         await anyio.sleep(1.5)
     finally:
         writer.stop()
@@ -212,13 +207,14 @@ async def test_leader_paused_past_its_lease_is_fenced_off_and_steps_down(
             writer.stop()
         # The new leader forwards the last events, then the stream stays still.
         added = cluster.entries_added()
-        with anyio.fail_after(20):
-            while True:
-                await anyio.sleep(1.0)
-                now = cluster.entries_added()
-                if now == added:
-                    break
-                added = now
+
+        def still_for_a_second() -> bool:  # called a second apart
+            nonlocal added
+            before, added = added, cluster.entries_added()
+            return added == before
+
+        await anyio.sleep(1.0)
+        await until(still_for_a_second, within=20, interval=1.0)
     finally:
         os.kill(old.pid, signal.SIGCONT)
     resumed = time.time()

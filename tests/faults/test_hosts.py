@@ -17,7 +17,6 @@ drains, the backup equals the source, with no dead letter and one intact object 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -34,15 +33,15 @@ import redis
 from rrb_streams.format import layout
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.keys import OwnKeys
-from tests.faults.test_kill import Writer, assert_backup_equals_source
 from tests.support import netns
 from tests.support.dataset import stored_records
+from tests.support.load import Writer, assert_backup_equals_source
 from tests.support.netns import Hosts
 from tests.support.pipeline import wait_drained
+from tests.support.proc import BIN, log_events
 from tests.support.servers import RedisServer, ServerError, child_env, redis_binary
 from tests.support.wait import wait_for
 
-BIN = Path(sys.executable).parent
 OWN = OwnKeys()
 PORT = 6379  # every host has its own network stack: no port to share
 CUT_LOAD_S = 3.0  # the writer goes on this long after the cut
@@ -95,17 +94,7 @@ def events(log: Path, name: str, after: int = 0) -> list[dict[str, Any]]:
     """The JSON log lines of event ``name`` in ``log``, from byte ``after`` on."""
     with log.open("rb") as f:
         f.seek(after)
-        lines = f.read().decode(errors="replace").splitlines()
-    out = []
-    for line in lines:
-        if line.startswith("{"):
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line still being written
-            if event.get("event") == name:
-                out.append(event)
-    return out
+        return log_events(f.read().decode(errors="replace"), name)
 
 
 def consumers(c: redis.Redis) -> dict[str, dict[str, Any]]:
@@ -142,15 +131,18 @@ def test_a_cut_host_holds_established_connections_until_reconnected(tmp_path: Pa
     with Hosts(["a"], tmp_path) as hosts:
         addr = hosts.address("a")
         hosts.popen("a", [sys.executable, "-c", ECHO, addr], log=tmp_path / "echo.log")
-        deadline = time.monotonic() + 10
-        while True:
+        conn: socket.socket | None = None
+
+        def connected() -> bool:
+            nonlocal conn
             try:
                 conn = socket.create_connection((addr, 7000), timeout=1)
-                break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_for(connected, timeout=10)
+        assert conn is not None
         with conn:
             conn.sendall(b"one")
             assert conn.recv(100) == b"one"

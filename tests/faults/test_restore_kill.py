@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -20,15 +20,8 @@ from tests.support.proc import Command
 from tests.support.servers import RedisServer
 from tests.support.wait import wait_for
 
+Factory = Callable[..., RedisServer]
 KEYS = 12_000
-
-
-@pytest.fixture
-def commands() -> Iterator[list[Command]]:
-    started: list[Command] = []
-    yield started
-    for c in started:
-        c.ensure_stopped()
 
 
 def fill(c: redis.Redis, n: int) -> None:
@@ -73,7 +66,7 @@ async def back_up(source: RedisServer, folder: Path) -> None:
 
 
 @pytest.fixture
-def backup(redis_factory, tmp_path: Path) -> tuple[RedisServer, Path]:  # type: ignore[no-untyped-def]
+def backup(redis_factory: Factory, tmp_path: Path) -> tuple[RedisServer, Path]:
     source = redis_factory()
     fill(source.client(), KEYS)
     folder = tmp_path / "store"
@@ -115,7 +108,7 @@ def assert_exact(source: RedisServer, target: RedisServer) -> None:
 
 def test_restore_killed_at_30_percent_resumes_complete_and_exact(
     backup: tuple[RedisServer, Path],
-    redis_factory,  # type: ignore[no-untyped-def]
+    redis_factory: Factory,
     tmp_path: Path,
     commands: list[Command],
 ) -> None:
@@ -154,7 +147,7 @@ def test_restore_killed_at_30_percent_resumes_complete_and_exact(
 
 def test_two_processes_restore_one_run_together(
     backup: tuple[RedisServer, Path],
-    redis_factory,  # type: ignore[no-untyped-def]
+    redis_factory: Factory,
     tmp_path: Path,
     commands: list[Command],
 ) -> None:
@@ -182,7 +175,7 @@ def test_two_processes_restore_one_run_together(
 
 def test_target_gone_mid_run_retries_then_stops_and_resumes(
     backup: tuple[RedisServer, Path],
-    redis_factory,  # type: ignore[no-untyped-def]
+    redis_factory: Factory,
     tmp_path: Path,
     commands: list[Command],
 ) -> None:
@@ -224,7 +217,7 @@ def test_target_gone_mid_run_retries_then_stops_and_resumes(
 
 def test_sigterm_finishes_batches_in_hand_and_the_run_resumes(
     backup: tuple[RedisServer, Path],
-    redis_factory,  # type: ignore[no-untyped-def]
+    redis_factory: Factory,
     tmp_path: Path,
     commands: list[Command],
 ) -> None:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
-from rrb_streams.storage.s3 import S3Storage
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.faults.test_kill import Writer, assert_backup_equals_source
 from tests.support.dataset import difference, restore_latest, snapshot
+from tests.support.load import Writer, assert_backup_equals_source
+from tests.support.moto import moto_storage, s3_env
 from tests.support.pipeline import wait_drained
 from tests.support.proc import Command
 from tests.support.proxy import Proxy
@@ -29,14 +28,6 @@ pytestmark = pytest.mark.anyio
 
 Factory = Callable[..., RedisServer]
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-@pytest.fixture
-def commands() -> Iterator[list[Command]]:
-    started: list[Command] = []
-    yield started
-    for c in started:
-        c.ensure_stopped()
 
 
 class Pipeline:
@@ -356,27 +347,15 @@ async def test_storage_unreachable_for_20_seconds(
 ) -> None:
     source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
     proxy = Proxy(int(moto_endpoint.rsplit(":", 1)[1]))
-    env = {
-        "S3_SERVER": f"http://127.0.0.1:{proxy.port}",
-        "S3_ACCESS_KEY": S3_ACCESS_KEY,
-        "S3_SECRET_KEY": S3_SECRET_KEY,
-        "S3_REGION": "us-east-1",
-    }
     pipeline = Pipeline(
         source,
         stream,
         tmp_path / "unused",
         tmp_path,
         storage=f"s3://{s3_bucket}/",
-        env=env,
+        env=s3_env(f"http://127.0.0.1:{proxy.port}"),
     )
-    direct = S3Storage(
-        s3_bucket,
-        endpoint_url=moto_endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
+    direct = moto_storage(s3_bucket, moto_endpoint)
     try:
         pipeline.start(commands)
         # The uploaders check storage at start: cut it only once they are past that.

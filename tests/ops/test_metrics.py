@@ -27,15 +27,16 @@ from rrb_streams.ops import observe
 from rrb_streams.ops.http import MAX_REQUEST, BadRequest, MetricsServer, Readiness, parse_request
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.restore.run import Restorer
-from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.base import Storage
 from rrb_streams.storage.memory import MemoryStorage
+from rrb_streams.storage.url import StorageSpec
 from rrb_streams.wire.entries import entry_fields
 from rrb_streams.wire.keys import DEFAULT_GROUP, OwnKeys
 from tests.support.faulty import FaultyStorage
 from tests.support.proc import BIN, Command
-from tests.support.restoring import backup_keys, fs_spec, restore_config
+from tests.support.restoring import backup_keys, restore_config
 from tests.support.servers import RedisServer, child_env, free_port
-from tests.support.wait import wait_for
+from tests.support.wait import until, wait_for
 
 OWN = OwnKeys()
 
@@ -255,14 +256,6 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def until(predicate: Callable[[], bool], within: float = 20.0) -> None:
-    with anyio.fail_after(within):
-        while True:
-            if predicate():
-                return
-            await anyio.sleep(0.02)
-
-
 @pytest.mark.anyio
 async def test_uploader_counts_entries_writes_bytes_retries_and_lag(
     redis_server: RedisServer,
@@ -331,21 +324,17 @@ async def test_uploader_counts_rejected_objects_and_dead_letters(
 
 @pytest.mark.anyio
 async def test_restorer_counts_objects_by_outcome_and_bytes(
-    redis_factory: Callable[..., RedisServer], tmp_path: Path
+    redis_factory: Callable[..., RedisServer], spec: StorageSpec, storage: Storage
 ) -> None:
     source, target = redis_factory(), redis_factory()
-    storage = FsStorage(tmp_path / "backup")
     with source.client() as c:
         c.mset({f"r:{i}": "value" for i in range(10)})
         await backup_keys(c, storage)
     await storage.put(latest_name("", 0, b"damaged"), b"not an rrb object")
     metrics = Metrics()
-    restorer = Restorer(
-        restore_config(target.url(), fs_spec(tmp_path / "backup")), storage, metrics=metrics
-    )
+    restorer = Restorer(restore_config(target.url(), spec), storage, metrics=metrics)
     with anyio.fail_after(30):
         await restorer.run()
-    await storage.close()
     assert sample(metrics, "rrb_restore_objects_total", outcome="restored") == 10
     assert sample(metrics, "rrb_restore_objects_total", outcome="failed") == 1
     assert sample(metrics, "rrb_restore_objects_total", outcome="expired") == 0
@@ -384,7 +373,7 @@ def answers(port: int) -> bool:
 
 
 def test_rrb_metrics_move_with_writes_and_readiness_follows_the_stream_redis(
-    redis_factory: Callable[..., RedisServer], tmp_path: Path
+    redis_factory: Callable[..., RedisServer], commands: list[Command], tmp_path: Path
 ) -> None:
     source, stream = redis_factory(), redis_factory()
     port = free_port()
@@ -400,49 +389,47 @@ def test_rrb_metrics_move_with_writes_and_readiness_follows_the_stream_redis(
         log=tmp_path / "rrb.log",
         RRB_METRICS_PORT=str(port),
         RRB_METRICS_HOST="127.0.0.1",
-    ).start()
-    try:
-        wait_for(lambda: answers(port), timeout=20)
-        wait_for(lambda: scrape(port).get('rrb_bridge_rescans_total{reason="startup"}') == 1)
-        # The first poll may come before the bridge made the group; the next one sees it.
-        pending = 'rrb_stream_group_pending{group="rrb-upload"}'
-        wait_for(lambda: pending in scrape(port), timeout=15)
-        before = scrape(port)
-        assert before["rrb_upload_objects_written_total"] == 0
-        assert before["rrb_stream_length"] == 0
-        assert before[pending] == 0
-        assert before['rrb_stream_group_lag{group="rrb-upload"}'] == 0
-        assert before['rrb_stream_oldest_pending_age_seconds{group="rrb-upload"}'] == 0
-        started = time.time()
-        with source.client() as c:
-            # Random values: DUMP would compress repeated bytes to almost nothing.
-            c.mset({f"key:{i}": os.urandom(1000) for i in range(50)})
-        wait_for(lambda: scrape(port)["rrb_upload_objects_written_total"] == 50)
-        wait_for(lambda: scrape(port)["rrb_stream_length"] >= 50, timeout=15)
-        after = scrape(port)
-        assert after["rrb_bridge_events_total"] >= 50
-        assert after["rrb_bridge_leader"] == 1  # the only bridge leads
-        assert after["rrb_upload_entries_total"] >= 50
-        assert after["rrb_upload_bytes_total"] > 50 * 1000
-        assert after['rrb_storage_call_seconds_count{op="put"}'] == 50
-        assert after['rrb_storage_call_seconds_count{op="flush"}'] >= 1
-        assert after["rrb_upload_lag_seconds_count"] == 50
-        assert started <= after["rrb_upload_last_write_timestamp_seconds"] <= time.time()
-        assert after["rrb_stream_dead_letters"] == 0
-        assert after["rrb_stream_polled_timestamp_seconds"] >= started
-        assert after["process_resident_memory_bytes"] > 0
-        assert http_get(port, "/readyz") == (200, "ready\n")
+    )
+    commands.append(rrb.start())
+    wait_for(lambda: answers(port), timeout=20)
+    wait_for(lambda: scrape(port).get('rrb_bridge_rescans_total{reason="startup"}') == 1)
+    # The first poll may come before the bridge made the group; the next one sees it.
+    pending = 'rrb_stream_group_pending{group="rrb-upload"}'
+    wait_for(lambda: pending in scrape(port), timeout=15)
+    before = scrape(port)
+    assert before["rrb_upload_objects_written_total"] == 0
+    assert before["rrb_stream_length"] == 0
+    assert before[pending] == 0
+    assert before['rrb_stream_group_lag{group="rrb-upload"}'] == 0
+    assert before['rrb_stream_oldest_pending_age_seconds{group="rrb-upload"}'] == 0
+    started = time.time()
+    with source.client() as c:
+        # Random values: DUMP would compress repeated bytes to almost nothing.
+        c.mset({f"key:{i}": os.urandom(1000) for i in range(50)})
+    wait_for(lambda: scrape(port)["rrb_upload_objects_written_total"] == 50)
+    wait_for(lambda: scrape(port)["rrb_stream_length"] >= 50, timeout=15)
+    after = scrape(port)
+    assert after["rrb_bridge_events_total"] >= 50
+    assert after["rrb_bridge_leader"] == 1  # the only bridge leads
+    assert after["rrb_upload_entries_total"] >= 50
+    assert after["rrb_upload_bytes_total"] > 50 * 1000
+    assert after['rrb_storage_call_seconds_count{op="put"}'] == 50
+    assert after['rrb_storage_call_seconds_count{op="flush"}'] >= 1
+    assert after["rrb_upload_lag_seconds_count"] == 50
+    assert started <= after["rrb_upload_last_write_timestamp_seconds"] <= time.time()
+    assert after["rrb_stream_dead_letters"] == 0
+    assert after["rrb_stream_polled_timestamp_seconds"] >= started
+    assert after["process_resident_memory_bytes"] > 0
+    assert http_get(port, "/readyz") == (200, "ready\n")
 
-        stream.stop()
-        wait_for(lambda: http_get(port, "/readyz")[0] == 503, timeout=10)
-        status, reason = http_get(port, "/readyz")
-        assert status == 503
-        assert reason.count("\n") == 1 and f"stream Redis at {stream.url()}" in reason, reason
-        assert http_get(port, "/healthz") == (200, "ok\n")
-        stream.start()
-        wait_for(lambda: http_get(port, "/readyz") == (200, "ready\n"), timeout=10)
-        errors = scrape(port)
-        assert sum(v for k, v in errors.items() if k.startswith("rrb_retries_total")) > 0
-        assert rrb.terminate() == 0, rrb.output()
-    finally:
-        rrb.ensure_stopped()
+    stream.stop()
+    wait_for(lambda: http_get(port, "/readyz")[0] == 503, timeout=10)
+    status, reason = http_get(port, "/readyz")
+    assert status == 503
+    assert reason.count("\n") == 1 and f"stream Redis at {stream.url()}" in reason, reason
+    assert http_get(port, "/healthz") == (200, "ok\n")
+    stream.start()
+    wait_for(lambda: http_get(port, "/readyz") == (200, "ready\n"), timeout=10)
+    errors = scrape(port)
+    assert sum(v for k, v in errors.items() if k.startswith("rrb_retries_total")) > 0
+    assert rrb.terminate() == 0, rrb.output()

@@ -3,7 +3,7 @@ failed; past --retry-timeout the process stops, and the same command finishes th
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -15,14 +15,16 @@ from rrb_streams.format import codec, layout
 from rrb_streams.format.selection import Item
 from rrb_streams.restore.run import Restorer
 from rrb_streams.restore.state import GROUP, RunState
-from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.base import Storage
 from rrb_streams.storage.url import StorageSpec
 from tests.support.servers import RedisServer
+from tests.support.wait import until
 
+Factory = Callable[..., RedisServer]
 KEYS = 3000
 
 
-async def fill_storage(source: RedisServer, storage: FsStorage) -> None:
+async def fill_storage(source: RedisServer, storage: Storage) -> None:
     c = source.client()
     pipe = c.pipeline(transaction=False)
     for i in range(KEYS):
@@ -37,16 +39,16 @@ async def fill_storage(source: RedisServer, storage: FsStorage) -> None:
 
 @pytest.mark.anyio
 async def test_out_of_memory_target_is_retried_then_the_run_resumes(
-    redis_factory,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
+    redis_factory: Factory,
+    spec: StorageSpec,
+    storage: Storage,
 ) -> None:
     source, target, stream = redis_factory(), redis_factory(), redis_factory()
-    storage = FsStorage(tmp_path / "store")
     await fill_storage(source, storage)
     cfg = RestoreConfig(
         target_url=target.url(),
         stream_url=stream.url(),
-        storage=StorageSpec(kind="fs", path=tmp_path / "store"),
+        storage=spec,
         concurrency=1,
         batch_size=20,
         retry_timeout=2.0,
@@ -57,10 +59,7 @@ async def test_out_of_memory_target_is_retried_then_the_run_resumes(
     restorer = Restorer(cfg, storage)
 
     async def starve_memory() -> None:
-        for _ in range(10_000):
-            if t.dbsize() >= KEYS // 5:
-                break
-            await anyio.sleep(0.005)
+        await until(lambda: t.dbsize() >= KEYS // 5, within=60, interval=0.005)
         t.config_set("maxmemory-policy", "noeviction")
         t.config_set("maxmemory", "1")
 
@@ -88,19 +87,18 @@ async def test_out_of_memory_target_is_retried_then_the_run_resumes(
     assert t.dbsize() == KEYS
     assert {t.get(f"key:{i}") for i in range(KEYS)} == {b"x" * 100}
     assert not list(stream.client().scan_iter(match="rrb:*"))
-    await storage.close()
 
 
 @pytest.mark.anyio
 async def test_a_run_finished_by_another_process_ends_this_one_as_finished(
-    redis_factory,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
+    redis_factory: Factory,
+    spec: StorageSpec,
+    storage: Storage,
 ) -> None:
     target = redis_factory()
-    storage = FsStorage(tmp_path / "store")
     cfg = RestoreConfig(
         target_url=target.url(),
-        storage=StorageSpec(kind="fs", path=tmp_path / "store"),
+        storage=spec,
         claim_idle=60.0,  # the other process's batch is never ours to take
         consumer="late-joiner",
     ).validate()
@@ -126,7 +124,6 @@ async def test_a_run_finished_by_another_process_ends_this_one_as_finished(
     assert report.stats.outcomes["restored"] == 0
     assert await r.keys("rrb:*") == []
     await r.aclose()
-    await storage.close()
 
 
 RESTORE_ACL = (
@@ -137,16 +134,15 @@ RESTORE_ACL = (
 
 @pytest.mark.anyio
 async def test_restore_as_an_acl_user_with_the_documented_rights(
-    redis_factory,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
+    redis_factory: Factory,
+    spec: StorageSpec,
+    storage: Storage,
 ) -> None:
     source, target = redis_factory(), redis_factory()
-    storage = FsStorage(tmp_path / "store")
     await fill_storage(source, storage)
     t = target.client()
     t.execute_command("ACL", "SETUSER", "restorer", *RESTORE_ACL.split())
     t.execute_command("ACL", "SETUSER", "no-restore", *RESTORE_ACL.split(), "-restore")
-    spec = StorageSpec(kind="fs", path=tmp_path / "store")
     url = f"redis://restorer:restore-pw@127.0.0.1:{target.port}/0"
     refused = RestoreConfig(
         target_url=url.replace("restorer:", "no-restore:"), storage=spec
@@ -163,4 +159,3 @@ async def test_restore_as_an_acl_user_with_the_documented_rights(
     assert report is not None and report.totals is not None
     assert report.totals["restored"] == KEYS and report.totals["failed"] == 0
     assert t.dbsize() == KEYS
-    await storage.close()

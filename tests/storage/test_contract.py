@@ -16,8 +16,7 @@ from rrb_streams.errors import ObjectNotFound
 from rrb_streams.storage.base import ObjectInfo, Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
-from rrb_streams.storage.s3 import S3Storage
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.support.moto import S3_SECRET_KEY, moto_storage
 
 pytestmark = pytest.mark.anyio
 
@@ -66,15 +65,7 @@ def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
             return MemoryStorage()
         if kind == "fs":
             return FsStorage(tmp_path / "store")
-        return S3Storage(
-            bucket,
-            base="some/base/",
-            endpoint_url=endpoint,
-            access_key=S3_ACCESS_KEY,
-            secret_key=S3_SECRET_KEY,
-            region="us-east-1",
-            page_size=7 if small_pages else 1000,
-        )
+        return moto_storage(bucket, endpoint, "some/base/", page_size=7 if small_pages else 1000)
 
     return make
 

@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -21,7 +20,7 @@ from rrb_streams.errors import (
 )
 from rrb_streams.storage.base import ObjectInfo
 from rrb_streams.storage.s3 import S3Storage
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.support.moto import boto_client, moto_storage
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.anyio
@@ -30,25 +29,7 @@ BASE = "some/base/"
 
 
 def make(bucket: str, endpoint: str, **knobs: Any) -> S3Storage:
-    return S3Storage(
-        bucket,
-        base=BASE,
-        endpoint_url=endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-        **knobs,
-    )
-
-
-def boto(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
+    return moto_storage(bucket, endpoint, BASE, **knobs)
 
 
 @pytest.fixture
@@ -182,7 +163,7 @@ async def test_s3_calls_to_an_unreachable_endpoint_are_transient() -> None:
 
 async def test_s3_objects_live_under_base(storage: S3Storage, s3_bucket: str) -> None:
     await storage.put("db0/x.backup", b"v")
-    s3 = boto(storage.endpoint_url or "")
+    s3 = boto_client(storage.endpoint_url or "")
     assert s3.get_object(Bucket=s3_bucket, Key=BASE + "db0/x.backup")["Body"].read() == b"v"
     s3.put_object(Bucket=s3_bucket, Key="some/basement", Body=b"outside")
     s3.put_object(Bucket=s3_bucket, Key="elsewhere/x", Body=b"outside")
@@ -217,7 +198,7 @@ async def test_s3_large_value_round_trips_through_multipart(
     data = os.urandom(50 * 1024 * 1024)
     await storage.put("big", data)
     assert await storage.get("big") == data
-    head = boto(storage.endpoint_url or "").head_object(Bucket=s3_bucket, Key=BASE + "big")
+    head = boto_client(storage.endpoint_url or "").head_object(Bucket=s3_bucket, Key=BASE + "big")
     assert head["ETag"].strip('"').endswith("-7")  # 7 parts of 8 MiB
 
 
@@ -240,7 +221,7 @@ async def test_s3_failed_multipart_upload_is_aborted_and_keeps_the_old_object(
     with pytest.raises(StorageUnavailable, match="'big'"):
         await storage.put("big", os.urandom(20 * 1024 * 1024))
     assert await storage.get("big") == b"old"
-    uploads = boto(storage.endpoint_url or "").list_multipart_uploads(Bucket=s3_bucket)
+    uploads = boto_client(storage.endpoint_url or "").list_multipart_uploads(Bucket=s3_bucket)
     assert uploads.get("Uploads", []) == []
 
 
@@ -262,7 +243,7 @@ async def test_s3_cancelled_multipart_upload_is_aborted(
         tg.start_soon(storage.put, "big", os.urandom(12 * 1024 * 1024))
         await started.wait()
         tg.cancel_scope.cancel()
-    uploads = boto(storage.endpoint_url or "").list_multipart_uploads(Bucket=s3_bucket)
+    uploads = boto_client(storage.endpoint_url or "").list_multipart_uploads(Bucket=s3_bucket)
     assert uploads.get("Uploads", []) == []
     with pytest.raises(ObjectNotFound):
         await storage.get("big")

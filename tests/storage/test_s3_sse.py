@@ -4,26 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 
 from rrb_streams.cli.backup import rrb, upload
 from rrb_streams.errors import ConfigError
 from rrb_streams.storage.s3 import S3Storage
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-
-
-def _boto(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
+from tests.support.moto import boto_client
 
 
 @pytest.mark.anyio
@@ -46,7 +34,7 @@ async def test_objects_are_written_with_the_chosen_encryption(
         assert await storage.get("a/object") == b"x" * 100
     finally:
         await storage.close()
-    head = _boto(moto_endpoint).head_object(Bucket=s3_bucket, Key="base/a/object")
+    head = boto_client(moto_endpoint).head_object(Bucket=s3_bucket, Key="base/a/object")
     assert head["ServerSideEncryption"] == sse
     if key_id is not None:
         assert key_id in head["SSEKMSKeyId"]
@@ -61,7 +49,7 @@ async def test_without_the_option_no_encryption_header_is_sent(
         await storage.put("plain", b"data")
     finally:
         await storage.close()
-    head = _boto(moto_endpoint).head_object(Bucket=s3_bucket, Key="base/plain")
+    head = boto_client(moto_endpoint).head_object(Bucket=s3_bucket, Key="base/plain")
     assert head.get("ServerSideEncryption") in (None, "AES256")  # the bucket's default applies
     assert "SSEKMSKeyId" not in head
 

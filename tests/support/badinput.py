@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import redis
 
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.support.moto import boto_client
+from tests.support.proc import BIN
 from tests.support.servers import RedisServer, child_env
 
-BIN = Path(sys.executable).parent
 PASSWORD = "s3cret-redis-pass"
 TIMEOUT = 20.0  # a hang is killed after this long, and fails the case
 
@@ -134,13 +132,7 @@ def _folder_state(root: Path) -> list[tuple[str, int]]:
 
 
 def _bucket_state(moto: str) -> dict[str, list[str]]:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
+    s3 = boto_client(moto)
     out: dict[str, list[str]] = {}
     for b in s3.list_buckets()["Buckets"]:
         listed = s3.list_objects_v2(Bucket=b["Name"])

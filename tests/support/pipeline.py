@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import redis
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
@@ -17,6 +18,30 @@ from rrb_streams.config import BridgeConfig, UploadConfig
 from rrb_streams.ops.status import collect
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.keys import OwnKeys
+from tests.support.wait import until
+
+
+class Component(Protocol):
+    """A bridge or an uploader: ``run`` until ``stop``."""
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@asynccontextmanager
+async def running(*components: Component, within: float = 30.0) -> AsyncIterator[None]:
+    """``components`` running in this task for the block; stopped, and awaited, when it
+    ends. The whole block fails after ``within`` seconds."""
+    with anyio.fail_after(within):
+        async with anyio.create_task_group() as tg:
+            for component in components:
+                await tg.start(component.run)
+            try:
+                yield
+            finally:
+                for component in components:
+                    component.stop()
 
 
 @asynccontextmanager
@@ -58,18 +83,33 @@ async def running_pipeline(
     assert done.is_set(), "components did not stop within 15 s of stop()"
 
 
+def drained(c: redis.Redis, own_prefix: str = "rrb:") -> bool:
+    """Every group of the change stream on ``c`` has read and acknowledged every entry."""
+    stream = OwnKeys(own_prefix).stream
+    if not c.exists(stream):
+        return False
+    groups = c.xinfo_groups(stream)
+    last = c.xinfo_stream(stream)["last-generated-id"]
+    return bool(groups) and all(
+        g["pending"] == 0 and g["last-delivered-id"] == last for g in groups
+    )
+
+
 async def wait_drained(stream_url: str, own_prefix: str = "rrb:", within: float = 30.0) -> None:
     """Wait until every group acked everything and the stream stopped growing for 0.3 s."""
     own = OwnKeys(own_prefix)
     r = Redis.from_url(stream_url)
+    last: str | None = None  # the last id when the stream was last seen drained
+
+    async def drained_and_still() -> bool:
+        nonlocal last
+        status = await collect(r, own)
+        if status.drained and status.last_id == last:
+            return True
+        last = status.last_id if status.drained else None
+        return False
+
     try:
-        with anyio.fail_after(within):
-            last = None
-            while True:
-                status = await collect(r, own)
-                if status.drained and status.last_id == last:
-                    return
-                last = status.last_id if status.drained else None
-                await anyio.sleep(0.3)
+        await until(drained_and_still, within=within, interval=0.3)
     finally:
         await r.aclose()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,9 @@ from rrb_streams.format import codec, layout
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.restore.run import Report, Restorer
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.fs import FsStorage
-from rrb_streams.storage.s3 import S3Storage
-from rrb_streams.storage.url import StorageSpec
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.support.servers import child_env
+from rrb_streams.storage.url import StorageSpec, open_storage
+from tests.support.proc import run_command
 
-BIN = Path(sys.executable).parent
 OWN = b"rrb:"
 
 # Short waits everywhere, so a test that goes wrong fails in seconds.
@@ -34,40 +29,17 @@ def fs_spec(path: Path) -> StorageSpec:
     return StorageSpec(kind="fs", path=path)
 
 
-def s3_spec(bucket: str, endpoint: str, base: str = "") -> StorageSpec:
-    return StorageSpec(
-        kind="s3",
-        bucket=bucket,
-        base=base,
-        endpoint_url=endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        region="us-east-1",
-    )
+@asynccontextmanager
+async def opened(spec: StorageSpec) -> AsyncIterator[Storage]:
+    """The backend ``spec`` names, built as the commands build it, closed on the way out.
 
-
-def backend_spec(request: Any, tmp_path: Path) -> StorageSpec:
-    """For a fixture parametrized with ``fs`` and ``s3``: a folder, or a fresh moto bucket."""
-    if request.param == "fs":
-        return fs_spec(tmp_path / "backup")
-    bucket = request.getfixturevalue("s3_bucket")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    return s3_spec(bucket, endpoint, base="base/")
-
-
-def open_spec(spec: StorageSpec) -> Storage:
-    """The backend ``spec`` names, built the way the command builds it."""
-    if spec.kind == "s3":
-        return S3Storage(
-            spec.bucket,
-            base=spec.base,
-            endpoint_url=spec.endpoint_url,
-            access_key=spec.access_key,
-            secret_key=spec.secret_key,
-            region=spec.region,
-        )
-    assert spec.path is not None
-    return FsStorage(spec.path)
+    Async tests take the ``storage`` fixture instead, which is built on this.
+    """
+    storage = open_storage(spec)
+    try:
+        yield storage
+    finally:
+        await storage.close()
 
 
 def restore_config(target_url: str, spec: StorageSpec, **options: Any) -> RestoreConfig:
@@ -190,25 +162,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """``rrb-restore`` as a real process, with JSON logs on its stderr; ``env`` adds variables."""
-    return subprocess.run(
-        [str(BIN / "rrb-restore"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(**(env or {})),
-        check=False,
-    )
-
-
-@contextmanager
-def clients(*servers: Any, db: int = 0) -> Iterator[list[redis.Redis]]:
-    """Sync clients on ``servers``, closed at the end."""
-    made = [s.client(db) for s in servers]
-    try:
-        yield made
-    finally:
-        for c in made:
-            c.close()
+    return run_command("rrb-restore", *args, env=env, timeout=timeout)
 
 
 def expire_at_ms(c: redis.Redis, key: bytes) -> int | None:

@@ -10,10 +10,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import redis
+
+from tests.support.wait import wait_for
 
 
 class ServerError(RuntimeError):
@@ -66,21 +67,25 @@ class RedisServer:
             *self.args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as c:
-                    c.ping()
-                return self
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.exceptions.ConnectionError:
-                if self.proc.poll() is not None:
-                    log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                    raise ServerError(f"redis-server on port {self.port} exited:\n{log}") from None
-            if time.monotonic() > deadline:
-                raise ServerError(f"redis-server on port {self.port} did not answer in 10 s")
-            time.sleep(0.02)
+        try:
+            wait_for(self._ready, timeout=10, interval=0.02)
+        except TimeoutError:
+            raise ServerError(f"redis-server on port {self.port} did not answer in 10 s") from None
+        return self
+
+    def _ready(self) -> bool:
+        """Whether it answers PING yet; ``ServerError`` once its process has exited."""
+        try:
+            with self.client() as c:
+                c.ping()
+            return True
+        except redis.exceptions.BusyLoadingError:
+            return False
+        except redis.exceptions.ConnectionError:
+            if self.proc is not None and self.proc.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise ServerError(f"redis-server on port {self.port} exited:\n{log}") from None
+            return False
 
     def _end(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

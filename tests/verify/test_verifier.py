@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,11 @@ from rrb_streams.format import codec, layout
 from rrb_streams.logs import show_key
 from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
-from rrb_streams.storage.fs import FsStorage
 from rrb_streams.verify.report import Summary
 from rrb_streams.verify.verifier import Verifier
-from tests.support.pipeline import running_pipeline, wait_drained
-from tests.support.restoring import dumped_record, open_spec, put_latest, s3_spec
+from tests.support.moto import s3_spec
+from tests.support.pipeline import running, running_pipeline, wait_drained
+from tests.support.restoring import dumped_record, opened, put_latest
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -69,21 +69,10 @@ def counts(s: Summary) -> tuple[int, int, int]:
     return s.missing, s.stale, s.extra
 
 
-@asynccontextmanager
-async def uploader_only(url: str, storage: Storage, **options: Any) -> AsyncIterator[None]:
+def uploader_only(url: str, storage: Storage, **options: Any) -> AbstractAsyncContextManager[None]:
     """One uploader and no bridge: only what is in the stream gets written."""
     worker = Uploader(UploadConfig(source_url=url, linger=0.02, consumer="fix", **options), storage)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield
-        finally:
-            worker.stop()
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Storage:
-    return FsStorage(tmp_path / "backup")
+    return running(worker, within=60)
 
 
 @pytest.mark.parametrize("versioning", [False, True], ids=["latest", "versions"])
@@ -160,7 +149,7 @@ async def test_verify_counts_a_changing_key_once_it_holds_still(
         s = await verify(redis_server, storage, recheck_delay=0.0)
     assert counts(s) == (0, 1, 0)
     found = [e for e in logs if e["event"] == "verify.difference"]
-    assert [(e["kind"], e["key"]) for e in found] == [("stale", b"s:07")]
+    assert [(e["kind"], e["key"]) for e in found] == [("stale", "s:07")]
 
 
 async def test_verify_repair_queues_entries_that_the_uploaders_apply(
@@ -256,8 +245,7 @@ async def test_verify_checks_the_urls_db_unless_all_dbs(
 async def test_verify_reads_an_s3_backup_under_a_path_prefix(
     redis_server: RedisServer, s3_bucket: str, moto_endpoint: str
 ) -> None:
-    storage = open_spec(s3_spec(s3_bucket, moto_endpoint, base="base/"))
-    try:
+    async with opened(s3_spec(s3_bucket, moto_endpoint, base="base/")) as storage:
         with redis_server.client() as c:
             for key in (b"a", b"b", b"c"):
                 c.set(key, key * 3)
@@ -267,8 +255,6 @@ async def test_verify_reads_an_s3_backup_under_a_path_prefix(
         s = await verify(redis_server, storage, path_prefix="p")
         assert (s.checked, *counts(s)) == (4, 1, 0, 1)
         assert counts(await verify(redis_server, storage, path_prefix="other")) == (3, 0, 0)
-    finally:
-        await storage.close()
 
 
 async def test_verify_ignores_a_new_encoding_of_the_same_value(

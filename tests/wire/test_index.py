@@ -18,25 +18,14 @@ from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
 from rrb_streams.wire.index import UNKNOWN, absent_page, digest, storage_target
-from rrb_streams.wire.keys import OwnKeys
-from tests.backup.test_upload import (
-    GROUP,
-    STREAM,
-    config,
-    create_group,
-    drained,
-    latest,
-    note,
-    running,
-    until,
-)
 from tests.support.faulty import FaultyStorage
-from tests.support.pipeline import running_pipeline, wait_drained
+from tests.support.pipeline import drained, running, running_pipeline, wait_drained
 from tests.support.servers import RedisServer
+from tests.support.uploading import GROUP, OWN, STREAM, config, create_group, latest, note
+from tests.support.wait import until
 
 pytestmark = pytest.mark.anyio
 
-OWN = OwnKeys()
 Factory = Callable[..., RedisServer]
 
 

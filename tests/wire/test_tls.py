@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.tls import TlsOptions
 from tests.support.dataset import snapshot
-from tests.support.pipeline import running_pipeline, wait_drained
+from tests.support.pipeline import drained, running_pipeline, wait_drained
+from tests.support.proc import BIN, one_line, run_command
 from tests.support.restoring import own_keys, populate_every_type
 from tests.support.servers import RedisServer, child_env, free_port
 from tests.support.wait import wait_for
-
-BIN = Path(sys.executable).parent
 
 
 @dataclass(frozen=True)
@@ -147,26 +145,6 @@ def _tls_client(server: TlsRedisServer, pki: Pki) -> redis.Redis:
     )
 
 
-def _run(
-    command: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / command), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(**(env or {})),
-        check=False,
-    )
-
-
-def _one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert "Traceback" not in lines[0]
-    return lines[0]
-
-
 def test_redis_server_speaks_tls_and_requires_a_client_certificate(
     tls_redis: TlsFactory, pki: Pki
 ) -> None:
@@ -198,7 +176,7 @@ async def test_backup_then_rrb_restore_over_tls_with_client_certificates(
     assert len(expected) > 20
 
     done = await anyio.to_thread.run_sync(
-        lambda: _run("rrb-restore", target.tls_url(), "--storage", str(folder), *pki.flags())
+        lambda: run_command("rrb-restore", target.tls_url(), "--storage", str(folder), *pki.flags())
     )
     assert done.returncode == 0, done.stderr
     with target.client() as t:
@@ -228,14 +206,14 @@ def test_rrb_over_tls_from_the_environment_and_rrb_status(
             wait_for(lambda: c.exists("rrb:changes") == 1, timeout=20)
             c.set("tls:a", "1")
             c.hset("tls:h", mapping={"f": "v"})
-            wait_for(lambda: len(list(folder.rglob("*"))) >= 2 and _drained(c), timeout=20)
+            wait_for(lambda: len(list(folder.rglob("*"))) >= 2 and drained(c), timeout=20)
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert '"rrb.started"' in err
 
-    shown = _run("rrb-status", source.tls_url(), "--json", *pki.flags())
+    shown = run_command("rrb-status", source.tls_url(), "--json", *pki.flags())
     assert shown.returncode == 0, shown.stderr
     assert '"rrb:changes"' in shown.stdout or "rrb:changes" in shown.stdout
 
@@ -246,11 +224,6 @@ def _backup_folder(folder: Path) -> None:
     name = folder / latest_name("", 0, b"k")
     name.parent.mkdir(parents=True)
     name.write_bytes(b"not read: the connection fails first")
-
-
-def _drained(c: redis.Redis) -> bool:
-    groups = c.xinfo_groups("rrb:changes")
-    return bool(groups) and all(g["pending"] == 0 and g.get("lag") == 0 for g in groups)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +243,7 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
     server = tls_redis()
     _backup_folder(tmp_path / "backup")
     args = [a.format(folder=tmp_path / "backup") for a in extra]
-    result = _run(
+    result = run_command(
         command,
         server.tls_url(),
         *args,
@@ -279,7 +252,7 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
         "--tls-key", pki.client_key,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
-    line = _one_line(result.stderr)
+    line = one_line(result.stderr)
     assert f"{command}: error:" in line
     assert f"rediss://127.0.0.1:{server.tls_port}" in line
     assert "certificate verify failed" in line
@@ -302,9 +275,9 @@ def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
     server = tls_redis()
     _backup_folder(tmp_path / "backup")
     args = [a.format(folder=tmp_path / "backup") for a in extra]
-    result = _run(command, server.tls_url(), *args, "--tls-ca", pki.ca)
+    result = run_command(command, server.tls_url(), *args, "--tls-ca", pki.ca)
     assert result.returncode == 1, result.stderr
-    line = _one_line(result.stderr)
+    line = one_line(result.stderr)
     assert f"rediss://127.0.0.1:{server.tls_port}" in line
     assert line.endswith(
         "if the server requires a client certificate, give --tls-cert and --tls-key"
@@ -338,7 +311,7 @@ def test_bad_tls_options_are_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert command([a.format(ca=pki.ca) for a in argv]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert needle in line
 
 
