@@ -67,6 +67,16 @@ def _upload_config(args: argparse.Namespace) -> UploadConfig:
     ).validate()
 
 
+def _observed(cfg: BridgeConfig | UploadConfig) -> dict[str, Any]:
+    """For :func:`serve_observed`: the source and the stream Redis that ``/readyz`` pings,
+    and the change stream whose gauges are polled."""
+    return {
+        "redis": [("source Redis", cfg.source_url), ("stream Redis", cfg.effective_stream_url)],
+        "tls": cfg.tls,
+        "stream": (cfg.effective_stream_url, cfg.own),
+    }
+
+
 def bridge(argv: Sequence[str] | None = None) -> int:
     """``rrb-bridge``: copy keyspace notifications into the change stream."""
     p = parser(
@@ -91,9 +101,7 @@ def bridge(argv: Sequence[str] | None = None) -> int:
             where,
             lambda metrics: [Bridge(cfg, metrics)],
             grace=cfg.grace,
-            redis=[("source Redis", cfg.source_url), ("stream Redis", cfg.effective_stream_url)],
-            tls=cfg.tls,
-            stream=(cfg.effective_stream_url, cfg.own),
+            **_observed(cfg),
             on_started=lambda: get_logger("bridge").info(
                 "bridge.started",
                 source=redact_url(cfg.source_url),
@@ -132,13 +140,8 @@ def upload(argv: Sequence[str] | None = None) -> int:
                 where,
                 lambda metrics: [Uploader(cfg, storage, metrics)],
                 grace=cfg.grace,
-                redis=[
-                    ("source Redis", cfg.source_url),
-                    ("stream Redis", cfg.effective_stream_url),
-                ],
-                tls=cfg.tls,
                 storage=storage,
-                stream=(cfg.effective_stream_url, cfg.own),
+                **_observed(cfg),
                 on_started=lambda: get_logger("upload").info(
                     "upload.started",
                     storage=spec.description,
@@ -222,13 +225,8 @@ def rrb(argv: Sequence[str] | None = None) -> int:
                 where,
                 build,
                 grace=upload_cfg.grace,
-                redis=[
-                    ("source Redis", bridge_cfg.source_url),
-                    ("stream Redis", bridge_cfg.effective_stream_url),
-                ],
-                tls=bridge_cfg.tls,
                 storage=storage,
-                stream=(bridge_cfg.effective_stream_url, bridge_cfg.own),
+                **_observed(bridge_cfg),
                 on_started=started,
             )
 

@@ -64,8 +64,7 @@ async def test_a_flush_of_the_source_reaches_the_backup(
     async with running_pipeline(
         source.url(),
         storage,
-        bridge={"stream_url": stream.url()},
-        upload={"stream_url": stream.url()},
+        stream_url=stream.url(),
     ):
         await converge(source, stream, storage, redis_factory)
         assert len(await stored_state(storage, redis_factory) or {}) == 52
@@ -91,8 +90,7 @@ async def test_swapdb_brings_the_other_dbs_keys_into_the_backup(
     async with running_pipeline(
         source.url(),
         storage,
-        bridge={"stream_url": stream.url()},
-        upload={"stream_url": stream.url()},
+        stream_url=stream.url(),
     ):
         await converge(source, stream, storage, redis_factory)
         source.client().swapdb(0, 1)
@@ -111,8 +109,7 @@ async def test_a_wipe_of_the_streams_own_redis_is_made_good(
     async with running_pipeline(
         source.url(),
         storage,
-        bridge={"stream_url": stream.url()},
-        upload={"stream_url": stream.url()},
+        stream_url=stream.url(),
     ):
         await converge(source, stream, storage, redis_factory)
         c.set("k:0", "changed")

@@ -50,12 +50,17 @@ async def running_pipeline(
     storage: Storage,
     *,
     uploaders: int = 1,
+    stream_url: str | None = None,
     bridge: dict[str, Any] | None = None,
     upload: dict[str, Any] | None = None,
 ) -> AsyncIterator[list[Uploader]]:
-    """A bridge and ``uploaders`` upload workers running until the block ends."""
-    bridge_cfg = BridgeConfig(source_url=source_url, **(bridge or {})).validate()
-    base = UploadConfig(source_url=source_url, linger=0.02, **(upload or {})).validate()
+    """A bridge and ``uploaders`` upload workers running until the block ends; with
+    ``stream_url``, the change stream of both lives on that Redis."""
+    bridge_cfg = BridgeConfig(source_url=source_url, stream_url=stream_url, **(bridge or {}))
+    bridge_cfg = bridge_cfg.validate()
+    base = UploadConfig(
+        source_url=source_url, stream_url=stream_url, linger=0.02, **(upload or {})
+    ).validate()
     workers = [Uploader(replace(base, consumer=f"test-{i}"), storage) for i in range(uploaders)]
     the_bridge = Bridge(bridge_cfg)
     done = anyio.Event()

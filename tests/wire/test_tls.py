@@ -226,17 +226,18 @@ def _backup_folder(folder: Path) -> None:
     name.write_bytes(b"not read: the connection fails first")
 
 
-@pytest.mark.parametrize(
-    ("command", "extra"),
-    [
-        ("rrb-status", []),
-        ("rrb-restore", ["--storage", "{folder}"]),
-        ("rrb-bridge", []),
-        ("rrb-upload", ["--storage", "{folder}"]),
-        ("rrb", ["--storage", "{folder}"]),
-        ("rrb-verify", ["--storage", "{folder}"]),
-    ],
-)
+#: Every command, with the options that take it as far as its first connection.
+EVERY_COMMAND = [
+    ("rrb-status", []),
+    ("rrb-restore", ["--storage", "{folder}"]),
+    ("rrb-bridge", []),
+    ("rrb-upload", ["--storage", "{folder}"]),
+    ("rrb", ["--storage", "{folder}"]),
+    ("rrb-verify", ["--storage", "{folder}"]),
+]
+
+
+@pytest.mark.parametrize(("command", "extra"), EVERY_COMMAND)
 def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
     tls_redis: TlsFactory, pki: Pki, tmp_path: Path, command: str, extra: list[str]
 ) -> None:
@@ -258,17 +259,7 @@ def test_a_server_certificate_from_another_ca_is_one_line_and_exit_1(
     assert "certificate verify failed" in line
 
 
-@pytest.mark.parametrize(
-    ("command", "extra"),
-    [
-        ("rrb-status", []),
-        ("rrb-restore", ["--storage", "{folder}"]),
-        ("rrb-bridge", []),
-        ("rrb-upload", ["--storage", "{folder}"]),
-        ("rrb", ["--storage", "{folder}"]),
-        ("rrb-verify", ["--storage", "{folder}"]),
-    ],
-)
+@pytest.mark.parametrize(("command", "extra"), EVERY_COMMAND)
 def test_no_client_certificate_is_one_line_exit_1_and_a_hint(
     tls_redis: TlsFactory, pki: Pki, tmp_path: Path, command: str, extra: list[str]
 ) -> None:
