@@ -35,11 +35,9 @@ def indexed(c: redis.Redis, db: int = 0) -> dict[bytes, bytes]:
 
 async def backed_up(source: RedisServer, storage: MemoryStorage, **options: Any) -> None:
     """Run a bridge and an uploader until the stream drained, then stop both."""
-    stream_url = options.get("stream_url", source.url())
-    bridge = {k: v for k, v in options.items() if k in ("stream_url", "all_dbs", "pattern")}
-    upload = {k: v for k, v in options.items() if k in ("stream_url",)}
-    async with running_pipeline(source.url(), storage, bridge=bridge, upload=upload):
-        await wait_drained(stream_url)
+    stream_url = options.pop("stream_url", None)
+    async with running_pipeline(source.url(), storage, stream_url=stream_url, bridge=options):
+        await wait_drained(stream_url or source.url())
 
 
 # -- deletions while no bridge listened ------------------------------------------------------
