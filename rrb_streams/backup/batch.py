@@ -17,7 +17,9 @@
       storage call bounded by the process-wide limiter, then calls ``storage.flush()``;
    e. releases the leases, advancing the done markers and storing the new digests (or
       removing the fields of absent keys), again one script call per chunk of keys; a key
-      whose lease was lost meanwhile is redone in a later round, and a redo always writes;
+      whose lease was lost meanwhile is redone in a later round, and a redo always writes.
+      So is a key whose round failed after its write began (the release lost with its
+      connection): its write may have landed after another holder's;
    f. acknowledges the entries of the settled keys.
 
    A key whose lease another uploader holds waits a short jittered while and joins a later
@@ -350,6 +352,12 @@ class BatchProcessor:
             self._cfg.own,
             [(k.db, k.key) for k, rec, _ in writes if not rec.tombstone or k.stored is not None],
         )
+        # From here a write of ours may land after another holder's. Only the release can tell
+        # whether the lease stayed ours; until it has, a retry of this round (the release lost
+        # with its connection, say) must read and write these keys again rather than trust a
+        # done marker or an index entry that the other holder advanced.
+        for k, _, _ in writes:
+            k.force = True
         unavailable: list[Exception] = []
         pending = iter(writes)
 

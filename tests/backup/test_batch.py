@@ -11,6 +11,7 @@ from typing import Any, cast
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from rrb_streams.backup.batch import Batch, BatchProcessor
@@ -671,6 +672,44 @@ async def test_batch_redoes_a_key_whose_lease_was_lost_during_its_write(
     assert lost["key"] == "k"
     written = events(logs, "upload.batch_written")
     assert [w["redone"] for w in written] == [0, 1]
+
+
+async def test_batch_rewrites_a_key_whose_round_failed_after_its_write(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host cut off mid-round: our stale write lands after another uploader's, and the
+    # connection drops before our release could tell us the lease was lost. The retried round
+    # must not trust the done marker the other uploader advanced.
+    lease = OWN.lease(0, key_hash(b"k"))
+    async with rig(redis_server) as h, rig(redis_server, memory=h.memory, consumer="u2") as h2:
+        await h.src.set("k", "v1")
+        entries = await h.deliver("k")
+        leases = h.processor._leases
+        release = leases.release
+        lost: list[bool] = []
+
+        async def release_after_a_lost_connection(token: str, items: Any) -> list[bool]:
+            if not lost:
+                lost.append(True)
+                raise RedisConnectionError("connection lost before the release")
+            return await release(token, items)
+
+        monkeypatch.setattr(leases, "release", release_after_a_lost_connection)
+        h.storage.hang("put")
+        async with in_background(h, entries) as finished:
+            await h.storage.wait_hanging("put")
+            await h.r.delete(lease)  # our lease lapsed while we were cut off ...
+            await h.src.set("k", "v2")
+            await h2.process(await h2.deliver("k"))  # ... and another uploader wrote v2
+            newer = h.latest(b"k")
+            assert newer is not None
+            h.storage.release()  # our stale v1 lands after v2; then the release fails
+            await finished.wait()
+        assert lost == [True]
+        rec = h.latest(b"k")
+        assert rec is not None and rec.payload == await h.src.dump("k")
+        assert rec.read_at_us > newer.read_at_us
+        assert await h.pending() == 0
 
 
 # -- concurrency ----------------------------------------------------------------------------
