@@ -80,8 +80,10 @@ async def collect(r: Redis, own: OwnKeys) -> StreamStatus:
         age: int | None = None
         if g["pending"]:
             summary = await r.xpending(stream, name)
-            oldest = _text(summary["min"])
-            age = max(0, now_ms - id_tuple(oldest)[0])
+            # Acked since XINFO GROUPS: nothing is pending any more.
+            if summary["min"] is not None:
+                oldest = _text(summary["min"])
+                age = max(0, now_ms - id_tuple(oldest)[0])
         lag = g.get("lag")
         group = GroupStatus(
             name=name,
