@@ -110,6 +110,11 @@ class BridgeConfig(_SourceStream, _Masked):
         return self
 
 
+#: How uploaders store keys: ``segments`` (many keys' records per object, every read kept) or
+#: ``keys`` (one object per key, replaced on each change).
+LAYOUTS = ("segments", "keys")
+
+
 @dataclass(frozen=True, repr=False)
 class UploadConfig(_SourceStream, _Masked):
     """Settings of ``rrb-upload``: the consumer group, the object names, and the retry policy.
@@ -121,7 +126,10 @@ class UploadConfig(_SourceStream, _Masked):
     stream_url: str | None = None
     path_prefix: str = ""
     concurrency: int = 4  # concurrent storage calls per process
-    versioning: bool = False
+    layout: str = "segments"  # one of LAYOUTS
+    segment_interval: float = 1.0  # seconds a segment gathers records before it is written
+    segment_bytes: int = 64 << 20  # payload bytes that close a segment sooner
+    versioning: bool = False  # keys layout only: every read its own object
     group: str = DEFAULT_GROUP
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
@@ -153,6 +161,16 @@ class UploadConfig(_SourceStream, _Masked):
             _positive(name, getattr(self, name))
         if self.linger < 0:
             raise ConfigError(f"invalid --linger {self.linger}: must not be negative")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(
+                f"invalid --layout {self.layout!r}: must be one of {', '.join(LAYOUTS)}"
+            )
+        _positive("segment_interval", self.segment_interval)
+        _positive("segment_bytes", self.segment_bytes)
+        if self.versioning and self.layout != "keys":
+            raise ConfigError(
+                "--versioning needs --layout keys: the segment layout keeps every read already"
+            )
         return self
 
 
@@ -197,6 +215,7 @@ class RestoreConfig(_OwnKeys, _Masked):
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
     batch_size: int = 200  # objects per restore-stream entry: a writer's unit of work
+    range_bytes: int = 8 << 20  # segment layout: compressed bytes per key range (a unit of work)
     retry_timeout: float = 60.0  # seconds of continuous failure before giving up
     max_backlog: int = 100_000  # planned-but-unwritten objects the restore stream may hold
     claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken

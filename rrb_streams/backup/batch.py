@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -46,6 +46,7 @@ from rrb_streams.backup import deadletter
 from rrb_streams.backup.deadletter import DeadLetter
 from rrb_streams.backup.lease import Leases, Release
 from rrb_streams.backup.metrics import UploadMetrics, UploadStats
+from rrb_streams.backup.segments import SegmentSink
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import ObjectRejected, StorageError, StorageUnavailable
 from rrb_streams.format.codec import KeyRecord, encode
@@ -89,6 +90,7 @@ class _Key:
     lease_waits: int = 0
     not_before: float = 0.0
     stored: bytes | None = None  # the index value read with the lease
+    stamp: int = 0  # the ordering stamp drawn with the lease (see lease.py)
 
 
 @dataclass(eq=False, slots=True)
@@ -129,7 +131,9 @@ class BatchProcessor:
         reader: GroupReader,
         log: Any,
         metrics: Metrics | None = None,
+        sink: SegmentSink | None = None,
     ) -> None:
+        """``sink`` receives the records of the segments layout; ``None``: the keys layout."""
         self._cfg = cfg
         self._metrics = metrics
         self._storage = storage
@@ -144,8 +148,9 @@ class BatchProcessor:
         self._retrying = Retrying(log, "upload", "batch", cap=cfg.max_backoff, metrics=metrics)
         self._call_timeout = cfg.lease * CALL_TIMEOUT_LEASES
         self._target = index.storage_target(
-            storage.description, cfg.path_prefix, versioning=cfg.versioning
+            storage.description, cfg.path_prefix, versioning=cfg.versioning, layout=cfg.layout
         )
+        self._sink = sink
 
     async def process(self, batch: Batch) -> None:
         """Settle every entry of ``batch``: written and acknowledged, or dead-lettered.
@@ -237,6 +242,7 @@ class BatchProcessor:
                 continue
             k.lease_waits = 0
             k.stored = grant.stored
+            k.stamp = grant.stamp
             held.append(k)
             (covered if not k.force and grant.covers(k.max_id) else to_write).append(k)
         try:
@@ -282,7 +288,7 @@ class BatchProcessor:
             tg.start_soon(self._keep_leases, token, held, in_flight)
             try:
                 out = await self._read_and_write(work, to_write, in_flight)
-                if out.written:
+                if out.written and self._sink is None:  # a segment is durable when written
                     await self._flush()
                     if self._lags is not None:
                         self._lags.stored(out.read_at_us)
@@ -344,7 +350,7 @@ class BatchProcessor:
             if digest is not None and not k.force and digest == k.stored:
                 out.unchanged.append(k)
             else:
-                writes.append((k, rec, digest))
+                writes.append((k, replace(rec, stamp=k.stamp), digest))
         # A crash after a storage call must not leave a digest naming a state storage lacks. An
         # absent key with no field has nothing to mark: no digest claims anything for it.
         await index.mark_unknown(
@@ -358,6 +364,9 @@ class BatchProcessor:
         # done marker or an index entry that the other holder advanced.
         for k, _, _ in writes:
             k.force = True
+        if self._sink is not None:
+            await self._write_segment(work, self._sink, writes, out)
+            return out
         unavailable: list[Exception] = []
         pending = iter(writes)
 
@@ -373,6 +382,39 @@ class BatchProcessor:
         if unavailable:
             raise unavailable[0]
         return out
+
+    async def _write_segment(
+        self,
+        work: _Work,
+        sink: SegmentSink,
+        writes: list[tuple[_Key, KeyRecord, bytes | None]],
+        out: _Outcome,
+    ) -> None:
+        """Hand ``writes`` to the segment sink and wait until their segment is durable.
+
+        Tombstones are records too: a key's absence at a read is part of its history, which
+        point-in-time restore replays. The keys' leases keep being renewed meanwhile: a late
+        landing segment cannot hide a newer read, since readers take the highest stamp.
+        """
+        if not writes:
+            return
+        try:
+            await sink.write([rec for _, rec, _ in writes])
+        except ObjectRejected as exc:
+            for k, _, _ in writes:
+                out.failures[k] = f"storage rejected a segment: {exc}"
+            if self._metrics is not None:
+                self._metrics.error("upload", "ObjectRejected")
+            return
+        for k, rec, digest in writes:
+            out.written[k] = digest
+            out.read_at_us.append(rec.read_at_us)
+            if rec.tombstone:
+                self._stats.deletes += 1
+                work.tally["deletes"] += 1
+            else:
+                self._stats.puts += 1
+                work.tally["puts"] += 1
 
     async def _read_one_by_one(self, db: int, keys: list[_Key]) -> list[KeyRecord | KeyReadError]:
         out: list[KeyRecord | KeyReadError] = []

@@ -38,13 +38,23 @@ the index says, because its stale write may have landed after the write the inde
 releases them in another (one call per :data:`CHUNK` keys), rather than several commands per
 key. Every key a script touches is one of its ``KEYS``.
 
-**Residual case.** A storage write that the client gave up on (a timeout, a cancelled request,
-a crashed process) but that the server still commits later can overwrite a newer object, and
-nothing redoes it until the key next changes; a rescan does not either while the index holds
-the newer digest. The writer never learns that the write landed, so no token check can catch
-it. Storage timeouts shorter than the lease keep the window small, and ``rrb-verify`` finds
-such keys. With ``--versioning`` a stale write cannot hide a newer version: every read has its
-own object name.
+**Ordering stamps.** Every acquire call also draws a stamp from ``{own}stamp``, a clock on
+the stream Redis that only moves forward: the larger of its last value plus one and the stream
+Redis's own ``TIME`` in microseconds, so even a stream Redis restarted empty goes on above the
+stamps it gave before (as long as its clock does not step back past them). A read made under a
+lease carries the stamp of the acquire that took the lease. Of two holders of one key, the
+later one acquired after the earlier one's lease ended, so the later read has the higher
+stamp. The segment layout stores the stamp in every record and readers take, per key, the
+record with the highest stamp, so the order in which objects land no longer matters.
+
+**Residual case (the keys layout).** A storage write that the client gave up on (a timeout, a
+cancelled request, a crashed process) but that the server still commits later can overwrite a
+newer object, and nothing redoes it until the key next changes; a rescan does not either while
+the index holds the newer digest. The writer never learns that the write landed, so no token
+check can catch it. Storage timeouts shorter than the lease keep the window small, and
+``rrb-verify`` finds such keys. With ``--versioning`` a stale write cannot hide a newer
+version: every read has its own object name. The segment layout has no such case: a late
+segment carries older stamps than the records written after it.
 """
 
 from __future__ import annotations
@@ -66,14 +76,21 @@ DONE_TTL_MS = 10 * 60 * 1000  # long enough to cover any entry still in flight f
 CHUNK = 250
 
 # KEYS: the stream, then n leases, then n done markers, then (with ARGV[3] == "1") n index
-# hashes. ARGV: token, lease ms, "1" to read index fields, then the n fields when reading.
-# Returns the stream's last entry id (false when empty), read after every lease was tried,
-# then per key: 1 if held (0 if not), and when held its done marker and its index value.
+# hashes, then the stamp clock. ARGV: token, lease ms, "1" to read index fields, then the n
+# fields when reading. Returns the stream's last entry id (false when empty), read after every
+# lease was tried, the stamp drawn, then per key: 1 if held (0 if not), and when held its done
+# marker and its index value.
 _ACQUIRE = """
 local token, px = ARGV[1], ARGV[2]
 local with_index = ARGV[3] == '1'
-local n = with_index and (#KEYS - 1) / 3 or (#KEYS - 1) / 2
-local out = {false}
+local n = with_index and (#KEYS - 2) / 3 or (#KEYS - 2) / 2
+-- Stamps are microseconds, below 2^53: exact in Lua's doubles. %.0f keeps them in digits.
+local clock = KEYS[#KEYS]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local stamp = math.max(tonumber(redis.call('GET', clock) or '0') + 1, now)
+redis.call('SET', clock, string.format('%.0f', stamp))
+local out = {false, string.format('%.0f', stamp)}
 for i = 1, n do
   local lease = KEYS[1 + i]
   local held = redis.call('SET', lease, token, 'NX', 'PX', px)
@@ -171,6 +188,7 @@ class Grant:
     held: bool
     done: str | None  # highest entry id already in storage; None when unknown or not held
     stored: bytes | None = None  # the key's index value when held; None when not indexed
+    stamp: int = 0  # the ordering stamp drawn with the lease, when held
 
     def covers(self, entry_id: str) -> bool:
         """Whether ``entry_id``'s change is already in storage (valid only when held)."""
@@ -247,13 +265,17 @@ class Leases:
                 script_keys += [own.index(db) for db, _ in chunk]
                 args.append("1")
                 args += index_fields[start : start + CHUNK]
+            script_keys.append(own.stamp)
             reply = await self._acquire(keys=script_keys, args=args)
             last = reply[0]
             tail = None if last is None else _text(last)
-            for i in range(1, len(reply), 3):
+            stamp = int(reply[1])
+            for i in range(2, len(reply), 3):
                 if reply[i]:
                     done = reply[i + 1]
-                    grants.append(Grant(True, None if done is None else _text(done), reply[i + 2]))
+                    grants.append(
+                        Grant(True, None if done is None else _text(done), reply[i + 2], stamp)
+                    )
                 else:
                     grants.append(Grant(False, None))
             start += CHUNK

@@ -32,6 +32,10 @@ class UploadStats:
     dead_lettered: int = 0
     claimed: int = 0  # entries taken over from other consumers
     redone: int = 0  # keys written again because their lease ran out during the write
+    segments: int = 0  # segment objects written (segments layout)
+    segment_records: int = 0  # records in them
+    segment_raw_bytes: int = 0  # their records' bytes before compression
+    segment_bytes: int = 0  # their objects' bytes as stored
 
 
 # (metric name without _total, help, UploadStats field)
@@ -65,7 +69,21 @@ _UPLOAD_COUNTERS = (
         "Keys read and written again because their lease ran out during the write.",
         "redone",
     ),
+    ("rrb_upload_segments", "Segment objects written (segments layout).", "segments"),
+    ("rrb_upload_segment_records", "Records written in segments.", "segment_records"),
+    (
+        "rrb_upload_segment_raw_bytes",
+        "Bytes of the records written in segments, before compression.",
+        "segment_raw_bytes",
+    ),
+    (
+        "rrb_upload_segment_stored_bytes",
+        "Bytes of the segment objects written, after compression.",
+        "segment_bytes",
+    ),
 )
+
+_RECORDS_BUCKETS = (1, 10, 50, 100, 500, 1000, 5000, 10_000, 50_000, 100_000)
 
 
 class UploadMetrics:
@@ -77,6 +95,11 @@ class UploadMetrics:
             "Seconds from a key's read from the source (the source's clock) to storage "
             "confirming its write (this host's clock).",
             buckets=_LAG_BUCKETS,
+        )
+        self.segment_records = metrics.histogram(
+            "rrb_upload_records_per_segment",
+            "Records per segment object written.",
+            buckets=_RECORDS_BUCKETS,
         )
         self.last_write = metrics.gauge(
             "rrb_upload_last_write_timestamp_seconds",

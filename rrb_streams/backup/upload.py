@@ -39,9 +39,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from rrb_streams.backup.batch import Batch, BatchProcessor
+from rrb_streams.backup.batch import CALL_TIMEOUT_LEASES, Batch, BatchProcessor
 from rrb_streams.backup.lease import Leases
 from rrb_streams.backup.metrics import UploadMetrics, UploadStats
+from rrb_streams.backup.segments import SegmentSink
 from rrb_streams.config import UploadConfig
 from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
@@ -56,6 +57,7 @@ from rrb_streams.wire.source import Source
 from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
+SEGMENT_WORKERS = 4  # batch workers per --concurrency with the segments layout
 
 
 class Uploader:
@@ -116,9 +118,24 @@ class Uploader:
         try:
             await self._start(r)
             m = self._metrics
+            storage = self.storage if m is None else TimedStorage(self.storage, m)
+            workers = self.batch_workers
+            sink = None
+            if cfg.layout == "segments":
+                sink = SegmentSink(
+                    storage,
+                    cfg.path_prefix,
+                    interval=cfg.segment_interval,
+                    max_bytes=cfg.segment_bytes,
+                    workers=workers,
+                    call_timeout=cfg.lease * CALL_TIMEOUT_LEASES,
+                    stats=self.stats,
+                    log=self._log,
+                    metrics=None if m is None else m.part(UploadMetrics),
+                )
             processor = BatchProcessor(
                 cfg,
-                self.storage if m is None else TimedStorage(self.storage, m),
+                storage,
                 r,
                 self._source,
                 Leases(r, cfg.own, cfg.own.stream, lease_s=cfg.lease),
@@ -127,15 +144,18 @@ class Uploader:
                 reader,
                 self._log,
                 m,
+                sink,
             )
             task_status.started()
             async with anyio.create_task_group() as background:
                 background.start_soon(self._keep_alive, reader)
                 background.start_soon(self._trim, r)
+                if sink is not None:
+                    await background.start(sink.run)
                 send, receive = anyio.create_memory_object_stream[Batch](0)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read, reader, send)
-                    for _ in range(cfg.concurrency):
+                    for _ in range(workers):
                         tg.start_soon(self._work, processor, receive.clone())
                     receive.close()
                 background.cancel_scope.cancel()
@@ -144,6 +164,12 @@ class Uploader:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._source.close()
                 await r.aclose()
+
+    @property
+    def batch_workers(self) -> int:
+        """Batches in progress at once. A batch of the segments layout mostly waits for its
+        segment, so more of them fill each segment: fewer PUTs for the same work."""
+        return self.cfg.concurrency * (SEGMENT_WORKERS if self.cfg.layout == "segments" else 1)
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop reading, finish its in-flight batches and return."""

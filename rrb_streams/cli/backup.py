@@ -54,6 +54,9 @@ def _upload_config(args: argparse.Namespace) -> UploadConfig:
         stream_url=args.stream_url,
         path_prefix=args.path,
         concurrency=args.concurrency,
+        layout=args.layout,
+        segment_interval=args.segment_interval,
+        segment_bytes=args.segment_bytes,
         versioning=args.versioning,
         group=args.group,
         own_prefix=args.own_prefix,
@@ -148,6 +151,7 @@ def upload(argv: Sequence[str] | None = None) -> int:
                     prefix=cfg.path_prefix,
                     consumer=cfg.consumer,
                     concurrency=cfg.concurrency,
+                    layout=cfg.layout,
                     versioning=cfg.versioning,
                 ),
             )
@@ -192,8 +196,15 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         lines[0] += "OK!"
         lines.append(f"[*] Using Redis pattern: '{bridge_cfg.pattern}'")
         lines += storage_lines(spec, upload_cfg.path_prefix)
-        if upload_cfg.versioning:
-            lines.append("[*] Versioning enabled: every change is kept")
+        if upload_cfg.layout == "segments":
+            lines.append(
+                f"[*] Layout: segments, one every {upload_cfg.segment_interval:g} s; "
+                "every change is kept"
+            )
+        elif upload_cfg.versioning:
+            lines.append("[*] Layout: keys, versioning enabled: every change is kept")
+        else:
+            lines.append("[*] Layout: keys, one object per key")
 
         def started() -> None:
             say(
@@ -211,6 +222,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
                 pattern=bridge_cfg.pattern,
                 storage=spec.description,
                 prefix=upload_cfg.path_prefix,
+                layout=upload_cfg.layout,
                 versioning=upload_cfg.versioning,
                 workers=upload_cfg.concurrency,
                 consumer=upload_cfg.consumer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rrb_streams.config import BridgeConfig, UploadConfig, default
+from rrb_streams.config import LAYOUTS, BridgeConfig, UploadConfig, default
 from rrb_streams.ops import observe
 from rrb_streams.storage.url import SSE_MODES, StorageSpec, parse_storage_url, with_sse
 from rrb_streams.wire.keys import DEFAULT_OWN_PREFIX
@@ -160,10 +160,33 @@ def add_upload(p: argparse.ArgumentParser, concurrency_help: str) -> None:
 
     add_storage(p)
     option("-c", "--concurrency", field="concurrency", type=int, metavar="N", help=concurrency_help)
+    option(
+        "--layout",
+        field="layout",
+        choices=LAYOUTS,
+        help="segments: the records of many keys per object, every read kept, point-in-time "
+        "restore built in; keys: one object per key, replaced on each change "
+        "(default: %(default)s)",
+    )
+    option(
+        "--segment-interval",
+        field="segment_interval",
+        type=float,
+        metavar="SECONDS",
+        help="segments layout: write one segment per this long, sooner when "
+        "--segment-bytes is reached (default: %(default)g)",
+    )
+    option(
+        "--segment-bytes",
+        field="segment_bytes",
+        type=int,
+        metavar="BYTES",
+        help="segments layout: payload bytes that close a segment early (default: %(default)s)",
+    )
     p.add_argument(
         "--versioning",
         action="store_true",
-        help="keep every change as its own object (needed for point-in-time restore)",
+        help="keys layout: keep every change as its own object (point-in-time restore)",
     )
     option("--group", field="group", help="consumer group (default: %(default)s)")
     p.add_argument("--consumer", metavar="NAME", help="consumer name (default: <hostname>-<pid>)")

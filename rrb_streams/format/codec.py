@@ -49,6 +49,9 @@ class KeyRecord:
     redis_version: str
     payload: bytes  # DUMP output; b"" for a tombstone
     tombstone: bool = False
+    #: The ordering stamp taken with the key's lease (segment layout; 0 in format 1 objects):
+    #: of two reads of one key, the higher stamp is the later read, whatever the clocks said.
+    stamp: int = 0
 
     @classmethod
     def absent(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from rrb_streams.format.layout import parse_name
 from rrb_streams.format.legacy import LegacyName, parse_legacy_name
+from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.storage.base import ObjectInfo
 
 
@@ -54,6 +55,7 @@ class PlanStats:
     keys: int = 0  # items selected
     bytes: int = 0  # total size of the selected items' objects
     absent: int = 0  # keys deleted, or with nothing at or before --at
+    superseded: int = 0  # keys whose newer state a segment range restored (both layouts)
 
 
 @dataclass
@@ -88,6 +90,8 @@ async def select(
     async for info in listing:
         parsed = parse_name(info.name, prefix)
         if parsed is None:
+            if parse_segment_name(info.name, prefix) is not None:
+                continue  # the segment layout: read by key range, not here
             if past_cursor:
                 stats.listed += 1
                 stats.foreign += 1
@@ -142,19 +146,19 @@ async def find_backup(
     """
     other = False
     async for info in listing:
-        ours = parse_legacy_name(info.name, prefix) if legacy else parse_name(info.name, prefix)
-        if ours is not None:
+        segment = parse_segment_name(info.name, prefix) is not None
+        rrb = segment or parse_name(info.name, prefix) is not None
+        legacy_found = parse_legacy_name(info.name, prefix) is not None
+        ours, theirs = (legacy_found, rrb) if legacy else (rrb, legacy_found)
+        if ours:
             return True, False
-        if not other:
-            theirs = (
-                parse_name(info.name, prefix) if legacy else parse_legacy_name(info.name, prefix)
-            )
-            other = theirs is not None
+        other = other or bool(theirs)
     return False, other
 
 
 async def has_versions(listing: AsyncIterable[ObjectInfo], prefix: str, *, legacy: bool) -> bool:
-    """Whether any object of ``listing`` is a version (needed before ``--at`` makes sense).
+    """Whether any object of ``listing`` is a version or a segment (needed before ``--at``
+    makes sense).
 
     Stops at the first version, so it is quick on a versioned backup.
     """
@@ -164,9 +168,18 @@ async def has_versions(listing: AsyncIterable[ObjectInfo], prefix: str, *, legac
             if found is not None and found.seconds is not None:
                 return True
         else:
+            if parse_segment_name(info.name, prefix) is not None:
+                return True  # segments keep every read
             parsed = parse_name(info.name, prefix)
             if parsed is not None and parsed.versioned:
                 return True
+    return False
+
+
+async def has_keys_layout(listing: AsyncIterable[ObjectInfo], prefix: str) -> bool:
+    """Whether ``listing`` holds any object of the keys layout (a prefix may hold both)."""
+    async for _ in select(listing, prefix, at_us=None, stats=PlanStats()):
+        return True
     return False
 
 

@@ -31,6 +31,7 @@ class TimedStorage:
         )
         self._put = seconds.labels("put")
         self._get = seconds.labels("get")
+        self._get_range = seconds.labels("get_range")
         self._get_many = seconds.labels("get_many")
         self._delete = seconds.labels("delete")
         self._flush = seconds.labels("flush")
@@ -57,6 +58,13 @@ class TimedStorage:
             return await self.inner.get(name)
         finally:
             self._get.observe(time.perf_counter() - started)
+
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        started = time.perf_counter()
+        try:
+            return await self.inner.get_range(name, start, length)
+        finally:
+            self._get_range.observe(time.perf_counter() - started)
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         started = time.perf_counter()

@@ -84,6 +84,6 @@ async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:
     if not await has_versions(storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy):
         where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
         raise ConfigError(
-            f"--at needs a backup made with --versioning, and {where} holds no versions: "
-            "without versions only the latest state can be restored (drop --at)"
+            f"--at needs the segment layout or a keys-layout backup made with --versioning, "
+            f"and {where} holds neither: only the latest state can be restored (drop --at)"
         )

@@ -23,7 +23,15 @@ import anyio
 
 from rrb_streams.config import RestoreConfig
 from rrb_streams.format.legacy import parse_legacy_name
-from rrb_streams.format.selection import Item, PlanStats, legacy_rank, select
+from rrb_streams.format.ranges import (
+    FooterStats,
+    Range,
+    plan_ranges,
+    range_key_in,
+    range_key_out,
+    read_footers,
+)
+from rrb_streams.format.selection import Item, PlanStats, has_keys_layout, legacy_rank, select
 from rrb_streams.restore.state import RunState
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.group import trim
@@ -32,6 +40,7 @@ CHUNK = 1000  # items per transaction
 FOREIGN_SHOWN = 10  # names of foreign objects logged, per planning pass
 _BACKLOG_POLL = 0.2
 _TRIM_EVERY = 10  # chunks
+_RANGES_PER_CALL = 50  # key ranges added per transaction
 
 
 def list_prefix(cfg: RestoreConfig) -> str:
@@ -64,18 +73,76 @@ class Planner:
             await self._run_rrb()
 
     async def _run_rrb(self) -> None:
+        _, phase = await self._state.cursor()
+        if phase != "keys":
+            await self._plan_ranges()
+        await self._plan_keys()
+
+    async def _plan_ranges(self) -> None:
+        """The segment layout: every segment's block index, cut into key ranges."""
+        cfg, state = self._cfg, self._state
+        footers = FooterStats()
+        blocks = await read_footers(self._storage, cfg.path_prefix, stats=footers)
+        for name, reason in footers.damaged:
+            self._log.error("restore.segment_damaged", object=name, reason=reason)
+        ranges = plan_ranges(blocks, budget=cfg.range_bytes, at_us=cfg.at_us, db=cfg.db)
+        # Resumed: the ranges up to the cursor were added already. Cut again from a fresh
+        # listing, the ranges may end elsewhere: start the first new one at the cursor.
+        cursor = await state.range_cursor()
+        if cursor is not None:
+            start = range_key_in(cursor)
+            ranges = [r for r in ranges if r.hi is None or start is None or r.hi > start]
+            if ranges and start is not None:
+                first = ranges[0]
+                ranges[0] = Range(max(first.lo or start, start), first.hi, first.blocks)
+        mixed = bool(blocks) and await has_keys_layout(
+            self._storage.list(list_prefix(cfg)), cfg.path_prefix
+        )
+        if footers.damaged:
+            await state.add_failures([(name, reason) for name, reason in footers.damaged])
+        for i in range(0, max(1, len(ranges)), _RANGES_PER_CALL):
+            chunk = ranges[i : i + _RANGES_PER_CALL]
+            await self._wait_for_room()
+            last = i + _RANGES_PER_CALL >= len(ranges)
+            await state.add_ranges(
+                chunk,
+                mixed=mixed,
+                cursor=range_key_out(chunk[-1].hi) if chunk else "null",
+                done=last,
+            )
+        self._log.info(
+            "restore.planned_segments",
+            segments=footers.segments,
+            blocks=footers.blocks,
+            ranges=len(ranges),
+            damaged=len(footers.damaged),
+            mixed=mixed,
+        )
+        if mixed:
+            # Keys-layout objects go after every range is written: a key that a range
+            # restored (and compared with its keys-layout object) is left alone then.
+            while await state.backlog() > 0:  # noqa: ASYNC110 - the backlog lives in Redis
+                await anyio.sleep(_BACKLOG_POLL)
+
+    async def _plan_keys(self) -> None:
         cfg, state = self._cfg, self._state
         after, _ = await state.cursor()
+        mixed = await state.is_mixed()
         stats = PlanStats()
         flushed = PlanStats()
         chunk: list[Item] = []
 
         async def flush(done: bool) -> None:
             await self._wait_for_room()
+            cursor = chunk[-1].group if chunk else None
+            if mixed and chunk:
+                keep = await state.unseen([item.group for item in chunk])
+                stats.superseded += len(chunk) - sum(keep)
+                chunk[:] = [item for item, k in zip(chunk, keep, strict=True) if k]
             await state.add(
                 chunk,
                 per_entry=cfg.batch_size,
-                cursor=chunk[-1].group if chunk else None,
+                cursor=cursor,
                 done=done,
                 listed=stats.listed - flushed.listed,
                 foreign=stats.foreign - flushed.foreign,

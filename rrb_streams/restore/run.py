@@ -42,6 +42,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
 from rrb_streams.errors import DependencyError
+from rrb_streams.format.layout import key_dir
+from rrb_streams.format.ranges import Range
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.ops.progress import Progress
@@ -70,7 +72,18 @@ from rrb_streams.wire.urls import redact_url
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
 PLANNER_TTL = 15.0  # seconds the planner's lock lasts unless renewed
 
-Entry = tuple[str, list[tuple[str, ...]]]  # entry id, each key's candidate object names
+
+@dataclass(frozen=True, slots=True)
+class RangeWork:
+    """A restore-stream entry of the segment layout: one key range."""
+
+    range: Range
+    records: int  # as planned: what the entry adds to the run's ``done``
+    mixed: bool  # the prefix holds the keys layout as well
+
+
+# An entry id, and each key's candidate object names or one key range.
+Entry = tuple[str, list[tuple[str, ...]] | RangeWork]
 
 
 @dataclass
@@ -321,9 +334,17 @@ class Restorer:
     ) -> None:
         task = object()
         async with receive:
-            async for entry_id, items in receive:
-                results = await self._until_done(task, functools.partial(writer.apply, items))
-                ack = _ack(entry_id, results)
+            async for entry_id, work in receive:
+                if isinstance(work, RangeWork):
+                    apply = functools.partial(writer.apply_range, work.range, mixed=work.mixed)
+                    results, seen = await self._until_done(task, apply)
+                    if work.mixed:
+                        groups = [key_dir(self.cfg.path_prefix, db, key) for db, key in seen]
+                        await self._until_done(task, functools.partial(state.mark_seen, groups))
+                    ack = _ack(entry_id, results, done=work.records)
+                else:
+                    results = await self._until_done(task, functools.partial(writer.apply, work))
+                    ack = _ack(entry_id, results)
                 await self._until_done(task, functools.partial(state.ack, [ack]))
                 for res in results:
                     self.stats.outcomes[res.outcome] += 1
@@ -367,12 +388,13 @@ class Restorer:
             await anyio.sleep(progress.interval)
 
 
-def _ack(entry_id: str, results: list[Result]) -> Ack:
+def _ack(entry_id: str, results: list[Result], *, done: int | None = None) -> Ack:
+    """``done``: what the entry adds to the run's progress (default: one per result)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for res in results:
         counts[res.outcome] += 1
     counts["bytes"] = sum(res.bytes for res in results)
-    counts["done"] = len(results)
+    counts["done"] = len(results) if done is None else done
     failures = [(res.name, res.reason) for res in results if res.outcome == FAILED]
     return Ack(entry_id, counts, failures)
 
@@ -382,8 +404,11 @@ def _batch(entry: RawEntry) -> Entry:
     one nameless item, which the writer reports as failed."""
     entry_id, fields = entry
     try:
+        if b"r" in fields:
+            rng = Range.from_json(fields[b"r"])
+            return entry_id, RangeWork(rng, int(fields[b"n"]), fields.get(b"m") == b"1")
         # An entry deleted while pending has no fields: nothing to write, only to ack.
         items = [tuple(names) for names in json.loads(fields[b"i"])] if fields else []
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, IndexError):
         items = [()]
     return entry_id, items

@@ -6,11 +6,16 @@ and a second process started with it joins it. Its keys, all under rrb's own pre
 
     {own}restore:{run}            the restore stream: each entry a batch of keys to restore
                                   (i: JSON list of each key's candidate object names,
-                                  s: their bytes)
+                                  s: their bytes), or one key range of the segment layout
+                                  (r: the range and its blocks as JSON, n: their records,
+                                  s: their bytes, m: 1 when the prefix holds both layouts)
     {own}restore:{run}:run        a hash: the planner's cursor and counters, the outcomes
     {own}restore:{run}:failed     a hash: failed object name -> reason (the first 1,000)
     {own}restore:{run}:legacy     a hash, --format legacy only: key hash -> its best object
     {own}restore:{run}:planner    the planner's lock, with a TTL
+    {own}restore:{run}:seen       a set, a prefix with both layouts only: the keys that
+                                  segment ranges restored (their key folder names), which
+                                  the keys layout's objects then leave alone
 
 An entry holds a batch of keys, so the stream's own costs (XADD, XREADGROUP, XACK) are paid
 once per batch, not per key. Every step that must not be half-done is one MULTI/EXEC or one
@@ -35,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rrb_streams.config import RestoreConfig
+from rrb_streams.format.ranges import Range
 from rrb_streams.format.selection import Item
 from rrb_streams.wire import resp
 from rrb_streams.wire.urls import redact_url, url_db
@@ -178,8 +184,12 @@ class RunKeys:
     def planner(self) -> str:
         return f"{self.stream}:planner"
 
+    @property
+    def seen(self) -> str:
+        return f"{self.stream}:seen"
+
     def all(self) -> list[str]:
-        return [self.stream, self.meta, self.failed, self.legacy, self.planner]
+        return [self.stream, self.meta, self.failed, self.legacy, self.planner, self.seen]
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +320,9 @@ class RunState:
         for command in commands:
             args += [len(command), *command]
         k = self.keys
-        done = await self._guarded_script(keys=[k.planner, k.stream, k.meta, k.legacy], args=args)
+        done = await self._guarded_script(
+            keys=[k.planner, k.stream, k.meta, k.legacy, k.failed], args=args
+        )
         if not done:
             raise PlannerLockLost(f"lost the planner's lock of {k.stream}")
 
@@ -342,6 +354,63 @@ class RunState:
         if done:
             commands.append((b"HSET", meta, b"plan_done", b"1"))
         return commands
+
+    async def add_ranges(
+        self, ranges: Sequence[Range], *, mixed: bool, cursor: str, done: bool
+    ) -> None:
+        """Add one entry per key range, with the plan's range cursor, atomically."""
+        k = self.keys
+        stream, meta = k.stream.encode(), k.meta.encode()
+        commands: list[tuple[bytes, ...]] = []
+        for rng in ranges:
+            fields = [b"r", rng.to_json().encode(), b"n", b"%d" % rng.records]
+            fields += [b"s", b"%d" % rng.size]
+            if mixed:
+                fields += [b"m", b"1"]
+            commands.append((b"XADD", stream, b"*", *fields))
+        planned = sum(r.records for r in ranges)
+        planned_bytes = sum(r.size for r in ranges)
+        commands += [
+            (b"HINCRBY", meta, b"planned", b"%d" % planned),
+            (b"HINCRBY", meta, b"planned_bytes", b"%d" % planned_bytes),
+            (b"HSET", meta, b"range_cursor", cursor.encode()),
+        ]
+        if done:
+            commands.append((b"HSET", meta, b"phase", b"keys"))
+            if mixed:
+                commands.append((b"HSET", meta, b"mixed", b"1"))
+        await self._guarded(commands)
+
+    async def add_failures(self, failures: Sequence[tuple[str, str]]) -> None:
+        """Count objects that failed while planning (a damaged segment index), with reasons."""
+        k = self.keys
+        commands: list[tuple[bytes, ...]] = [
+            (b"HINCRBY", k.meta.encode(), b"failed", b"%d" % len(failures))
+        ]
+        for name, reason in failures[:FAILED_NAMES_KEPT]:
+            commands.append((b"HSET", k.failed.encode(), name.encode(), reason.encode()))
+        await self._guarded(commands)
+
+    async def is_mixed(self) -> bool:
+        """Whether the prefix holds both layouts (known once the ranges are planned)."""
+        return await self.r.hget(self.keys.meta, "mixed") == b"1"
+
+    async def range_cursor(self) -> str | None:
+        """How far the segment ranges are planned: the last added range's end, as JSON."""
+        value = await self.r.hget(self.keys.meta, "range_cursor")
+        return _text(value) if value else None
+
+    async def mark_seen(self, groups: Sequence[str]) -> None:
+        """Record keys a segment range restored, so the keys layout leaves them alone."""
+        if groups:
+            await self.r.sadd(self.keys.seen, *groups)
+
+    async def unseen(self, groups: Sequence[str]) -> list[bool]:
+        """Per group, whether no segment range restored it."""
+        if not groups:
+            return []
+        found = await self.r.smismember(self.keys.seen, list(groups))
+        return [not f for f in found]
 
     async def cursor(self) -> tuple[str | None, str]:
         """The plan's cursor and its phase (``group`` or ``feed``, legacy only)."""

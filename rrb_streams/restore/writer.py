@@ -44,6 +44,7 @@ from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import key_hash
 from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
+from rrb_streams.format.ranges import Key, Range, prefer_keys_layout, read_range
 from rrb_streams.logs import show_key
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import resp
@@ -145,6 +146,49 @@ class Writer:
             results[i] = result
         return [r for r in results if r is not None]
 
+    async def apply_range(
+        self, rng: Range, *, mixed: bool = False
+    ) -> tuple[list[Result], list[Key]]:
+        """Restore the keys of one key range of the segment layout: one result per key, and
+        one failure per damaged block; and every key the range decided (for ``mixed``).
+
+        ``mixed``: the prefix holds the keys layout too, and each key's latest-state object
+        there competes with its newest segment record, by read time on the source clock.
+        """
+        read = await read_range(self._storage, rng, at_us=self._cfg.at_us)
+        results = [self._failed(f"{d.name}@{d.block}", d.reason) for d in read.damaged]
+        for db, key in read.undecided:
+            results.append(
+                self._failed(
+                    f"db{db}:{show_key(key)}",
+                    f"key '{show_key(key)}' of db {db}: a damaged block may hold its newest "
+                    "record, so no older one is restored",
+                )
+            )
+        winners = read.winners
+        seen = [*winners, *read.undecided]
+        if mixed:
+            await prefer_keys_layout(
+                self._storage,
+                self._cfg.path_prefix,
+                winners,
+                at_us=self._cfg.at_us,
+                on_damaged=lambda name, reason: self._log.warning(
+                    "restore.object_skipped", object=name, reason=reason
+                ),
+            )
+        writes: list[tuple[int, _Write]] = []
+        for rec, name in winners.values():
+            outcome = Result(ABSENT, name=name) if rec.tombstone else self._restore(rec, name)
+            if isinstance(outcome, _Write):
+                writes.append((len(results), outcome))
+                results.append(Result(FAILED))  # replaced below
+            else:
+                results.append(outcome)
+        for i, result in await self._write(writes):
+            results[i] = result
+        return results, seen
+
     # -- one item ---------------------------------------------------------------------------
 
     async def _prepare(
@@ -168,7 +212,11 @@ class Writer:
                 chosen, chosen_name = rec, name
         if chosen is None or chosen.tombstone:
             return Result(ABSENT, name=names[0])
-        rec = chosen
+        return self._restore(chosen, chosen_name)
+
+    def _restore(self, rec: KeyRecord, chosen_name: str) -> _Write | Result:
+        """The write that restores ``rec`` (a live record), or why it is not written."""
+        cfg = self._cfg
         if not self._wanted(rec.key, rec.db):
             return Result(FILTERED, name=chosen_name)
         if rec.expire_at_ms is not None and rec.expire_at_ms <= self._now_ms():

@@ -57,6 +57,20 @@ class Storage(Protocol):
         """Return the object's bytes. Raises ``ObjectNotFound`` naming it when absent."""
         ...
 
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        """Return ``length`` bytes of the object from byte ``start`` (fewer when the object
+        ends first; ``b""`` when ``start`` is at or past its end).
+
+        A negative ``start`` counts from the end: ``get_range(name, -n, n)`` is the last ``n``
+        bytes (the whole object when it is shorter). Raises ``ObjectNotFound`` naming it when
+        absent; ``StorageUnavailable`` for transient failures. ``length`` must be > 0
+        (``ValueError`` otherwise, as for an invalid name, before any I/O).
+
+        For readers of objects that hold many blocks: fetch the tail with the block index,
+        then only the blocks needed. Each call is one request (an S3 range GET).
+        """
+        ...
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         """The objects' bytes, in the order of ``names``, fetched one after another.
 
@@ -101,6 +115,21 @@ def check_name(name: str) -> str:
     ):
         raise ValueError(f"invalid object name {name!r}")
     return name
+
+
+def check_range(name: str, length: int) -> None:
+    """Raise ``ValueError`` unless ``name`` is a valid object name and ``length`` is > 0: the
+    arguments of :meth:`Storage.get_range` every backend checks before any I/O."""
+    check_name(name)
+    if length <= 0:
+        raise ValueError(f"get_range of {name!r}: length must be > 0, not {length}")
+
+
+def slice_range(data: bytes, start: int, length: int) -> bytes:
+    """:meth:`Storage.get_range` of a whole object's ``data``."""
+    if start < 0:
+        start = max(0, len(data) + start)
+    return data[start : start + length]
 
 
 async def get_each(storage: Storage, names: Sequence[str]) -> list[bytes | ObjectNotFound]:

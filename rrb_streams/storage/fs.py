@@ -15,7 +15,7 @@ its way to a thread, so a slow disk still gets up to ``max_threads`` writes at o
 ``OSError`` is translated like this:
 
 =================================================  ======================================
-ENOENT, ENOTDIR, EISDIR on get                     ``ObjectNotFound``
+ENOENT, ENOTDIR, EISDIR on get (and get_range)     ``ObjectNotFound``
 EACCES, EPERM, EROFS                               ``DependencyError``: the folder refuses
                                                    us and only an operator can fix that
 ENOSPC, EDQUOT, EIO and anything else              ``StorageUnavailable``: space can be
@@ -36,6 +36,7 @@ import itertools
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 from collections import deque
@@ -54,7 +55,7 @@ from rrb_streams.errors import (
     RrbError,
     StorageUnavailable,
 )
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name
+from rrb_streams.storage.base import ObjectInfo, Storage, check_name, check_range
 
 T = TypeVar("T")
 _READ_CHUNK = 1 << 20
@@ -346,6 +347,12 @@ class FsStorage:
         check_name(name)
         return await self._run(self._read, name)
 
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        """Read ``length`` bytes from ``start`` (from the end when negative) in a worker
+        thread; ``ObjectNotFound`` naming it when absent."""
+        check_range(name, length)
+        return await self._run(self._read_range, name, start, length)
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         """Read the files in one trip to a worker thread: a trip costs more than a small read."""
         for name in names:
@@ -373,6 +380,32 @@ class FsStorage:
                 chunks = [chunk]
                 while chunk := os.read(fd, _READ_CHUNK):
                     chunks.append(chunk)
+            finally:
+                os.close(fd)
+            return b"".join(chunks)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"no object named {name!r} in {self.description}") from exc
+        except OSError as exc:
+            raise self._error(exc, name, "read") from exc
+
+    def _read_range(self, name: str, start: int, length: int) -> bytes:
+        try:
+            fd = os.open(f"{self._root_text}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # The size bounds the read (a caller may ask for "up to length") and places
+                # a negative start. A put renames a new file over this one: ours stays whole.
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
+                if start < 0:
+                    start = max(0, info.st_size + start)
+                want = min(length, info.st_size - start)
+                chunks: list[bytes] = []
+                if want > 0:
+                    os.lseek(fd, start, os.SEEK_SET)
+                    while want > 0 and (chunk := os.read(fd, want)):
+                        chunks.append(chunk)
+                        want -= len(chunk)
             finally:
                 os.close(fd)
             return b"".join(chunks)

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 
 from rrb_streams.errors import ObjectNotFound
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name, get_each
+from rrb_streams.storage.base import (
+    ObjectInfo,
+    Storage,
+    check_name,
+    check_range,
+    get_each,
+    slice_range,
+)
 
 
 class MemoryStorage:
@@ -41,6 +48,10 @@ class MemoryStorage:
             return self.objects[name]
         except KeyError:
             raise ObjectNotFound(f"no object named {name!r} in memory://") from None
+
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        check_range(name, length)
+        return slice_range(await self.get(name), start, length)
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         return await get_each(self, names)

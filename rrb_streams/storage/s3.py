@@ -1,11 +1,11 @@
 """S3-compatible storage through aioboto3.
 
-Only object calls are made: PutObject (and its multipart form), GetObject, ListObjectsV2 and
-DeleteObject. A policy granting ``s3:PutObject``, ``s3:GetObject``, ``s3:DeleteObject``,
-``s3:ListBucket`` and ``s3:AbortMultipartUpload`` on the bucket is enough. No ACL or bucket
-administration call is ever made, so the bucket must exist. With ``sse="aws:kms"`` the
-credentials also need ``kms:GenerateDataKey`` (writes) and ``kms:Decrypt`` (reads) on the key;
-``docs/security.md`` has the policy.
+Only object calls are made: PutObject (and its multipart form), GetObject (whole or ranged),
+ListObjectsV2 and DeleteObject. A policy granting ``s3:PutObject``, ``s3:GetObject``,
+``s3:DeleteObject``, ``s3:ListBucket`` and ``s3:AbortMultipartUpload`` on the bucket is enough.
+No ACL or bucket administration call is ever made, so the bucket must exist. With
+``sse="aws:kms"`` the credentials also need ``kms:GenerateDataKey`` (writes) and
+``kms:Decrypt`` (reads) on the key; ``docs/security.md`` has the policy.
 
 botocore's errors are translated here, at the boundary:
 
@@ -17,6 +17,8 @@ other 403s, missing credentials, clock skew              ``DependencyError``
 connection errors, timeouts, 5xx, 429, SlowDown          ``StorageUnavailable``
 any other 4xx                                            ``ObjectRejected``
 =======================================================  =====================
+
+A ranged GetObject answered 416 InvalidRange (its start is at or past the end) returns ``b""``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ from rrb_streams.errors import (
     StorageUnavailable,
 )
 from rrb_streams.logs import get_logger
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name, get_each
+from rrb_streams.storage.base import (
+    ObjectInfo,
+    Storage,
+    check_name,
+    check_range,
+    get_each,
+    slice_range,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -283,6 +292,27 @@ class S3Storage:
             async with response["Body"] as body:
                 return await body.read()
 
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        """One ranged GetObject: ``Range: bytes=start-end``, or ``bytes=-n`` for a negative
+        start (the last ``n`` bytes; only the first ``length`` of them are returned)."""
+        check_range(name, length)
+        client = await self._get_client()
+        ranged = f"bytes={start}-{start + length - 1}" if start >= 0 else f"bytes={start}"
+        with self._translated(name):
+            try:
+                response = await client.get_object(
+                    Bucket=self.bucket, Key=self.base + name, Range=ranged
+                )
+            except ClientError as exc:
+                if _invalid_range(exc):
+                    return b""  # start at or past the end (or an empty object)
+                raise
+            async with response["Body"] as body:
+                data = await body.read()
+        if "ContentRange" not in response:
+            return slice_range(data, start, length)  # a server that ignored the range
+        return data[:length]
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         return await get_each(self, names)
 
@@ -371,6 +401,13 @@ class S3Storage:
                 f"{self._what(name)} unavailable ({code or status}: {message})"
             )
         return ObjectRejected(f"{self._what(name)} rejected ({code or status}: {message})")
+
+
+def _invalid_range(exc: ClientError) -> bool:
+    """Whether a ranged GET failed only because the range starts at or past the end."""
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return error.get("Code") == "InvalidRange" or status == 416
 
 
 _: Storage = S3Storage("x-bucket")

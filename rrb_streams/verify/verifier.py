@@ -61,7 +61,15 @@ from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import key_dir, key_hash, parse_name
-from rrb_streams.format.selection import Item, PlanStats, select
+from rrb_streams.format.ranges import (
+    FooterStats,
+    SegmentIndex,
+    plan_ranges,
+    prefer_keys_layout,
+    read_footers,
+    read_range,
+)
+from rrb_streams.format.selection import Item, PlanStats, has_keys_layout, select
 from rrb_streams.logs import get_logger, show_key
 from rrb_streams.ops.progress import Progress
 from rrb_streams.storage.base import Storage
@@ -149,6 +157,9 @@ class Verifier:
         self._pending: deque[_Candidate] = deque()
         self._repairs: list[tuple[int, bytes]] = []
         self._tolerance_ms = 0
+        self._segments = SegmentIndex(storage, cfg.path_prefix)
+        self._in_segments: dict[int, array[int]] = {}  # with both layouts: keys segments hold
+        self._mixed = False
 
     async def run(self) -> Summary:
         """Check everything, re-check every candidate, queue repairs; return the summary.
@@ -206,7 +217,52 @@ class Verifier:
     def _watched(self, db: int) -> bool:
         return self.cfg.all_dbs or db == self._url_db
 
+    async def _segments_pass(self) -> None:
+        """The segment layout, one key range at a time: each key's newest record (or its
+        keys-layout object, where that was read later) compared with the source."""
+        prefix = self.cfg.path_prefix
+        footers = FooterStats()
+        blocks = await read_footers(self.storage, prefix, stats=footers)
+        for name, reason in footers.damaged:
+            self._count("stale", name)
+            self._log.warning("verify.corrupt_object", object=name, reason=reason)
+        if not blocks:
+            return
+        self._mixed = await has_keys_layout(self.storage.list(prefix), prefix)
+        bar = _Shown(self._progress("records")) if self._progress else None
+        ranges = plan_ranges(blocks)
+        total = sum(r.records for r in ranges)
+        done = 0
+        try:
+            for rng in ranges:
+                read = await read_range(self.storage, rng)
+                for d in read.damaged:
+                    self._count("stale", f"{d.name}@{d.block}")
+                    self._log.warning("verify.corrupt_object", object=d.name, reason=d.reason)
+                for db, key in read.undecided:
+                    self._corrupt_seen(db, key_hash(key), _Stored(None, None, "damaged block"))
+                if self._mixed:
+                    await prefer_keys_layout(self.storage, prefix, read.winners)
+                found: list[tuple[int, str, _Stored]] = []
+                for (db, key), (rec, name) in read.winners.items():
+                    if self._watched(db):
+                        found.append((db, key_hash(key), _Stored(rec, name)))
+                    if self._mixed:
+                        self._in_segments.setdefault(db, array("Q")).append(_prefix8(key))
+                await self._compare(found)
+                done += rng.records
+                if bar is not None:
+                    bar.update(done, total, listing_done=True)
+            if bar is not None:
+                bar.update(total, total, listing_done=True, final=True)
+        finally:
+            if bar is not None:
+                bar.close()
+        for arr in self._in_segments.values():
+            arr[:] = array("Q", sorted(arr))
+
     async def _storage_pass(self) -> None:
+        await self._segments_pass()
         stats = PlanStats()
         bar = _Shown(self._progress("objects")) if self._progress else None
         chunk: list[tuple[int, Item]] = []
@@ -217,6 +273,10 @@ class Verifier:
                 parsed = parse_name(item.names[0], self.cfg.path_prefix)
                 if parsed is None or not self._watched(parsed.db):
                     continue
+                if parsed.db in self._in_segments and _has(
+                    self._in_segments[parsed.db], int(parsed.key_hash[:16], 16)
+                ):
+                    continue  # the segments pass compared this key, with this object too
                 chunk.append((parsed.db, item))
                 if len(chunk) >= self.cfg.chunk_size:
                     await self._check_chunk(chunk)
@@ -256,14 +316,25 @@ class Verifier:
         if not chunk:
             return
         stored = await self._fetch(chunk)
+        await self._compare(
+            [
+                (db, item.group.rsplit("/", 1)[-1], st)
+                for (db, item), st in zip(chunk, stored, strict=True)
+            ]
+        )
+
+    async def _compare(self, found: Sequence[tuple[int, str, _Stored]]) -> None:
+        """Compare what storage holds (per db and key hash) with the source's keys."""
         by_db: dict[int, list[tuple[bytes, _Stored]]] = {}
-        for (db, item), st in zip(chunk, stored, strict=True):
+        for db, hex_hash, st in found:
+            if st.rec is not None and st.rec.tombstone:
+                st = _Stored(None, st.name)
             if st.rec is None and st.corrupt is None:
                 continue  # a tombstone is newest: absent in storage; pass 2 checks the key
             if st.corrupt is not None:
                 # Damage hides the key; its hash is in the name. Remember it, so pass 2 does
                 # not call the key missing as well, and can queue its repair.
-                self._corrupt_seen(db, item.group.rsplit("/", 1)[-1], st)
+                self._corrupt_seen(db, hex_hash, st)
                 continue
             rec = st.rec
             assert rec is not None
@@ -351,6 +422,8 @@ class Verifier:
         if stored.corrupt is not None:
             return "stale"
         rec = stored.rec
+        if rec is not None and rec.expire_at_ms is not None and rec.expire_at_ms <= _now_ms():
+            rec = None  # expired in storage: a restore skips it, so it stands for absent
         if rec is None:
             return None if live.tombstone else "missing"
         if live.tombstone:
@@ -393,6 +466,8 @@ class Verifier:
         by_db: dict[int, list[_Candidate]] = {}
         for c in due:
             by_db.setdefault(c.db, []).append(c)
+        if by_db:
+            await self._segments.refresh()
         for db, group in by_db.items():
             stored = await self._stored_each(db, [c.key for c in group])
             live = await self._source.read(db, [c.key for c in group], [""] * len(group))
@@ -439,14 +514,26 @@ class Verifier:
         return out
 
     async def _stored_now(self, db: int, key: bytes) -> _Stored:
-        """A fresh look at one key's objects: its own small listing, then its newest record."""
+        """A fresh look at one key: its keys-layout objects (their own small listing) and its
+        records in the segments (as of this round's refresh); the newest wins."""
+        kept = _Stored(None)
         folder = key_dir(self.cfg.path_prefix, db, key)
         listing = self.storage.list(folder)
         async for item in select(listing, self.cfg.path_prefix, at_us=None, stats=PlanStats()):
-            if item.group != folder:
-                continue
-            return _newest(item.names, await self.storage.get_many(item.names))
-        return _Stored(None)
+            if item.group == folder:
+                kept = _newest(item.names, await self.storage.get_many(item.names))
+                break
+        seg = await self._segments.lookup([(db, key)])
+        if seg.damaged or seg.undecided:
+            return _Stored(None, seg.damaged[0].name, corrupt=seg.damaged[0].reason)
+        found = seg.winners.get((db, key))
+        if found is None:
+            return kept
+        rec, name = found
+        newer_keys = kept.rec is not None and kept.rec.read_at_us > rec.read_at_us
+        if kept.corrupt is not None or newer_keys:
+            return kept
+        return _Stored(None, name) if rec.tombstone else _Stored(rec, name)
 
     async def _flush_repairs(self, *, only_full: bool = False) -> None:
         if not self._repairs or (only_full and len(self._repairs) < self.cfg.chunk_size):
@@ -483,9 +570,16 @@ class _Shown:
 
 
 def _contains(known: array[int], key: bytes) -> bool:
-    value = _prefix8(key)
+    return _has(known, _prefix8(key))
+
+
+def _has(known: array[int], value: int) -> bool:
     i = bisect.bisect_left(known, value)
     return i < len(known) and known[i] == value
+
+
+def _now_ms() -> float:
+    return time.time() * 1000
 
 
 def _newest(names: Sequence[str], blobs: Sequence[bytes | ObjectNotFound]) -> _Stored:

@@ -22,7 +22,7 @@ The index answers two questions that pub/sub cannot:
 - **Is this key's object already up to date?** An uploader whose fresh read has the digest the
   index holds skips the PUT: a rescan uploads only the keys that changed.
 
-The digest covers the storage target (location, path prefix, ``--versioning``), so pointing
+The digest covers the storage target (location, path prefix, layout, ``--versioning``), so pointing
 uploaders at a new location uploads every key there again. If objects disappear from storage
 by other means, deleting the index hashes makes the next rescan upload every key again.
 """
@@ -45,9 +45,12 @@ UNKNOWN = b"-"
 DIGEST_SIZE = 16  # bytes of SHA-256 kept: collisions stay out of reach, memory stays small
 
 
-def storage_target(description: str, path_prefix: str, *, versioning: bool) -> bytes:
-    """Where an uploader's objects go, as mixed into every digest it computes."""
-    mode = "versions" if versioning else "latest"
+def storage_target(
+    description: str, path_prefix: str, *, versioning: bool, layout: str = "keys"
+) -> bytes:
+    """Where and how an uploader's objects go, as mixed into every digest it computes: a
+    switch of location, prefix, layout or ``--versioning`` uploads every key again."""
+    mode = "segments" if layout == "segments" else "versions" if versioning else "latest"
     return f"{description}\x00{path_prefix}\x00{mode}".encode()
 
 

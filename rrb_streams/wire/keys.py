@@ -51,6 +51,11 @@ class OwnKeys:
         return f"{self.prefix}index:{db}"
 
     @property
+    def stamp(self) -> str:
+        """The ordering-stamp clock: every lease taken draws a stamp above all earlier ones."""
+        return f"{self.prefix}stamp"
+
+    @property
     def leader(self) -> str:
         """The bridges' leader lease: the token of the one bridge that may write the stream."""
         return f"{self.prefix}bridge:leader"

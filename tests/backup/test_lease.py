@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -32,7 +33,7 @@ def leases(r: Redis, lease_s: float = 5.0) -> Leases:
 async def test_lease_is_exclusive_until_released(r: Redis) -> None:
     a, b = leases(r), leases(r)
     grants, _ = await a.acquire([KEY], "token-a")
-    assert grants == [Grant(True, None)]
+    assert [(g.held, g.done) for g in grants] == [(True, None)]
     grants, _ = await b.acquire([KEY], "token-b")
     assert grants == [Grant(False, None)]
     assert await a.release("token-a", [Release(*KEY)]) == [True]
@@ -102,10 +103,10 @@ async def test_lease_grant_reports_the_marker_and_the_stream_tail(r: Redis) -> N
     last = (await r.xadd(OWN.stream, {"x": "1"})).decode()
     grants, tail = await a.acquire([KEY, (1, KEY[1])], "t2")
     assert tail == last
-    assert grants[0] == Grant(True, "50-3")
+    assert (grants[0].held, grants[0].done) == (True, "50-3")
     assert grants[0].covers("50-3") and grants[0].covers("49-9")
     assert not grants[0].covers("50-4")
-    assert grants[1] == Grant(True, None)  # another db: its own lease and marker
+    assert (grants[1].held, grants[1].done) == (True, None)  # another db: its own lease and marker
     assert not grants[1].covers("1-0")
 
 
@@ -142,7 +143,7 @@ async def test_lease_reads_and_updates_the_index_only_while_held(r: Redis) -> No
     index = OWN.index(0)
     await r.hset(index, b"k\x00ey", b"old-digest")
     grants, _ = await a.acquire([KEY], "a", index_fields=[b"k\x00ey"])
-    assert grants == [Grant(True, None, b"old-digest")]
+    assert [(g.held, g.done, g.stored) for g in grants] == [(True, None, b"old-digest")]
     grants, _ = await b.acquire([KEY], "b", index_fields=[b"k\x00ey"])
     assert grants == [Grant(False, None)]  # not held: nothing to trust
     assert await a.release("a", [Release(*KEY, "1-0", Stored(b"k\x00ey", b"\x00new"))]) == [True]
@@ -193,3 +194,34 @@ async def test_lease_a_round_of_many_keys_takes_one_script_call_per_chunk(r: Red
     assert await r.get(OWN.done(*keys[-1])) == b"7-1"
     assert await r.hget(OWN.index(keys[-1][0]), fields[-1]) == b"d"
     assert not await r.keys("rrb:lease:*")
+
+
+@pytest.mark.anyio
+async def test_every_acquire_draws_a_higher_stamp_than_any_before(r: Redis) -> None:
+    a, b = leases(r), leases(r)
+    (first,), _ = await a.acquire([KEY], "token-a")
+    (refused,), _ = await b.acquire([KEY], "token-b")
+    assert await a.release("token-a", [Release(*KEY)]) == [True]
+    (second,), _ = await b.acquire([KEY], "token-b")
+    assert refused.stamp == 0  # not held: no stamp to read under
+    assert second.stamp > first.stamp > 0
+    # Microseconds of the stream Redis's clock: close to the time now.
+    assert abs(first.stamp - time.time() * 1_000_000) < 60_000_000
+
+
+@pytest.mark.anyio
+async def test_stamps_stay_above_a_clock_value_far_in_the_future(r: Redis) -> None:
+    # A stream Redis whose clock stepped back (or a clock value set by a previous server)
+    # must not make stamps go down: the stored value plus one wins over TIME.
+    future = int(time.time() * 1_000_000) + 3_600_000_000
+    await r.set(OWN.stamp, future)
+    (grant,), _ = await leases(r).acquire([KEY], "token-a")
+    assert grant.stamp == future + 1
+
+
+@pytest.mark.anyio
+async def test_stamps_start_from_the_clock_when_the_stream_redis_lost_them(r: Redis) -> None:
+    (before,), _ = await leases(r).acquire([KEY], "token-a")
+    await r.delete(OWN.stamp)  # a stream Redis restarted empty
+    (after,), _ = await leases(r).acquire([(1, "other")], "token-b")
+    assert after.stamp > before.stamp

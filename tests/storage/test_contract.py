@@ -143,6 +143,101 @@ async def test_get_many_returns_objects_in_order_and_missing_ones_in_place(
     assert await storage.get_many([]) == []
 
 
+RANGED = bytes(range(256)) * 4  # 1,024 bytes: every byte value, each at known offsets
+
+
+@pytest.mark.parametrize(
+    ("start", "length", "expected"),
+    [
+        (0, 10, RANGED[:10]),
+        (100, 50, RANGED[100:150]),
+        (1023, 1, RANGED[1023:]),
+        (1000, 100, RANGED[1000:]),
+        (0, 1024, RANGED),
+        (0, 1 << 40, RANGED),
+        (1024, 1, b""),
+        (1024, 100, b""),
+        (5000, 10, b""),
+        (-10, 10, RANGED[-10:]),
+        (-1, 1, RANGED[-1:]),
+        (-1024, 1024, RANGED),
+        (-5000, 5000, RANGED),
+        (-10, 4, RANGED[-10:-6]),
+        (-5000, 10, RANGED[:10]),
+    ],
+    ids=[
+        "head",
+        "middle",
+        "last-byte",
+        "past-the-end-is-short",
+        "exactly-all",
+        "huge-length",
+        "start-at-the-end",
+        "start-at-the-end-long",
+        "start-past-the-end",
+        "tail",
+        "tail-one",
+        "tail-exactly-all",
+        "tail-longer-than-the-object",
+        "tail-then-fewer",
+        "tail-longer-then-fewer",
+    ],
+)
+async def test_get_range_returns_the_bytes_asked_for(
+    storage: Storage, start: int, length: int, expected: bytes
+) -> None:
+    await storage.put("seg/1", RANGED)
+    assert await storage.get_range("seg/1", start, length) == expected
+
+
+async def test_get_range_of_an_empty_object_is_empty(storage: Storage) -> None:
+    await storage.put("seg/empty", b"")
+    for start in (0, 1, -1, -100):
+        assert await storage.get_range("seg/empty", start, 10) == b""
+
+
+async def test_get_range_returns_binary_content_exactly(storage: Storage) -> None:
+    # Past the filesystem's first read size and across its read chunks.
+    data = os.urandom((1 << 20) + 12_345)
+    await storage.put("seg/big", data)
+    for start, length in [(0, 70_000), (65_535, 3), (500_000, 600_000), (len(data) - 7, 7)]:
+        assert await storage.get_range("seg/big", start, length) == data[start : start + length]
+    index = await storage.get_range("seg/big", -100_000, 100_000)
+    assert index == data[-100_000:]
+
+
+async def test_get_range_reads_the_current_object(storage: Storage) -> None:
+    await storage.put("seg/1", b"old value, long")
+    await storage.put("seg/1", b"new")
+    assert await storage.get_range("seg/1", 0, 100) == b"new"
+    assert await storage.get_range("seg/1", -100, 100) == b"new"
+    assert await storage.get_range("seg/1", 3, 100) == b""
+
+
+@pytest.mark.parametrize("start", [0, 10, -10])
+async def test_get_range_of_a_missing_object_names_it(storage: Storage, start: int) -> None:
+    with pytest.raises(ObjectNotFound, match="no/such/segment"):
+        await storage.get_range("no/such/segment", start, 10)
+    await storage.put("gone", b"x")
+    await storage.delete("gone")
+    with pytest.raises(ObjectNotFound, match="gone"):
+        await storage.get_range("gone", start, 10)
+
+
+@pytest.mark.parametrize("length", [0, -1, -10])
+async def test_get_range_refuses_a_length_below_one(storage: Storage, length: int) -> None:
+    await storage.put("seg/1", RANGED)
+    for name, start in [("seg/1", 0), ("seg/1", -10), ("missing", 0)]:
+        with pytest.raises(ValueError, match="length must be > 0"):
+            await storage.get_range(name, start, length)
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "a//b", "a/../b", "./a", "a/", "nul\x00"])
+async def test_get_range_refuses_invalid_names(storage: Storage, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid object name"):
+        await storage.get_range(name, 0, 1)
+
+
 async def test_delete_is_idempotent(storage: Storage) -> None:
     await storage.put("a/b", b"x")
     await storage.put("a/c", b"y")

@@ -135,3 +135,27 @@ async def test_faulty_listing_breaks_midway_once(faulty: FaultyStorage) -> None:
             seen.append(info.name)  # noqa: PERF401 -- a comprehension would lose them on error
     assert seen == ["k0", "k1"]
     assert len([i async for i in faulty.list()]) == 5
+
+
+async def test_faulty_range_reads_are_gets(faulty: FaultyStorage) -> None:
+    await faulty.put("seg", b"0123456789")
+    assert await faulty.get_range("seg", 2, 3) == b"234"
+    faulty.fail_next(1, "get")
+    with pytest.raises(StorageUnavailable, match="injected failure: get 'seg'"):
+        await faulty.get_range("seg", 0, 1)
+    faulty.reject = lambda name: name == "seg"
+    with pytest.raises(ObjectRejected, match="'seg'"):
+        await faulty.get_range("seg", -1, 1)
+    faulty.reject = None
+    faulty.down = True
+    with pytest.raises(StorageUnavailable, match="outage"):
+        await faulty.get_range("seg", 0, 1)
+    faulty.down = False
+    faulty.hang("get")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(faulty.get_range, "seg", 0, 1)
+            await faulty.wait_hanging("get")
+            faulty.release("get")
+    assert faulty.calls["get"] == 5
+    assert faulty.failures["get"] == 3

@@ -199,6 +199,11 @@ async def test_fs_object_where_a_folder_is_needed_is_rejected(storage: FsStorage
         await storage.get("x/y")
     with pytest.raises(ObjectNotFound, match="'a/b/c'"):
         await storage.get("a/b/c")
+    for start in (0, 1 << 20, -1):  # a folder is not found, wherever the range starts
+        with pytest.raises(ObjectNotFound, match="'x/y'"):
+            await storage.get_range("x/y", start, 1)
+    with pytest.raises(ObjectNotFound, match="'a/b/c'"):
+        await storage.get_range("a/b/c", 0, 1)
     await storage.delete("x/y")  # a folder is not an object: nothing to delete
     await storage.delete("a/b/c")
     assert [i.name for i in await _listed(storage)] == ["a/b", "x/y/z"]
@@ -354,6 +359,8 @@ async def test_fs_get_of_an_unreadable_object_is_not_not_found(
         await storage.get("d/x")
     with pytest.raises(StorageUnavailable, match="'d/x'"):
         await storage.get_many(["d/x"])
+    with pytest.raises(StorageUnavailable, match="'d/x'"):
+        await storage.get_range("d/x", 0, 1)
 
 
 async def test_fs_refuses_names_escaping_the_root(storage: FsStorage) -> None:
@@ -362,6 +369,8 @@ async def test_fs_refuses_names_escaping_the_root(storage: FsStorage) -> None:
             await storage.get(name)
         with pytest.raises(ValueError, match="invalid object name"):
             await storage.delete(name)
+        with pytest.raises(ValueError, match="invalid object name"):
+            await storage.get_range(name, 0, 1)
 
 
 def block_write_of(

@@ -249,6 +249,103 @@ async def test_s3_cancelled_multipart_upload_is_aborted(
         await storage.get("big")
 
 
+def record_get_object(client: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record each GetObject call's arguments and its answer's ``ContentRange``."""
+    seen: list[dict[str, Any]] = []
+    real = client.get_object
+
+    async def get_object(**kwargs: Any) -> Any:
+        response = await real(**kwargs)
+        seen.append({**kwargs, "ContentRange": response.get("ContentRange")})
+        return response
+
+    monkeypatch.setattr(client, "get_object", get_object)
+    return seen
+
+
+async def test_s3_get_range_sends_a_range_header_the_server_honours(
+    storage: S3Storage, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1 << 20)
+    await storage.put("seg/1", data)
+    seen = record_get_object(await storage._get_client(), monkeypatch)
+    assert await storage.get_range("seg/1", 1000, 300) == data[1000:1300]
+    assert await storage.get_range("seg/1", -4096, 4096) == data[-4096:]
+    assert await storage.get_range("seg/1", -4096, 10) == data[-4096:-4086]
+    assert [(c["Key"], c["Range"], c["ContentRange"]) for c in seen] == [
+        (BASE + "seg/1", "bytes=1000-1299", f"bytes 1000-1299/{len(data)}"),
+        (BASE + "seg/1", "bytes=-4096", f"bytes {len(data) - 4096}-{len(data) - 1}/{len(data)}"),
+        (BASE + "seg/1", "bytes=-4096", f"bytes {len(data) - 4096}-{len(data) - 1}/{len(data)}"),
+    ]
+    assert s3_bucket == seen[0]["Bucket"]
+
+
+async def test_s3_get_range_past_the_end_is_empty_not_rejected(
+    storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.put("seg/1", b"0123456789")
+    client: Any = await storage._get_client()
+    real = client.get_object
+    errors: list[str] = []
+
+    async def get_object(**kwargs: Any) -> Any:
+        try:
+            return await real(**kwargs)
+        except ClientError as exc:
+            errors.append(exc.response["Error"]["Code"])
+            raise
+
+    monkeypatch.setattr(client, "get_object", get_object)
+    assert await storage.get_range("seg/1", 10, 5) == b""
+    assert await storage.get_range("seg/1", 11, 5) == b""
+    assert errors == ["InvalidRange", "InvalidRange"]  # the server's 416, turned into b""
+
+
+async def test_s3_get_range_of_a_server_that_ignores_ranges(
+    storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.put("seg/1", b"0123456789")
+    client: Any = await storage._get_client()
+    real = client.get_object
+
+    async def whole_object(**kwargs: Any) -> Any:
+        kwargs.pop("Range")
+        return await real(**kwargs)
+
+    monkeypatch.setattr(client, "get_object", whole_object)
+    assert await storage.get_range("seg/1", 2, 3) == b"234"
+    assert await storage.get_range("seg/1", 8, 5) == b"89"
+    assert await storage.get_range("seg/1", 10, 5) == b""
+    assert await storage.get_range("seg/1", -4, 2) == b"67"
+    assert await storage.get_range("seg/1", -40, 40) == b"0123456789"
+
+
+async def test_s3_get_range_failures_are_translated(
+    storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client: Any = await storage._get_client()
+    error = client_error(503, "SlowDown")
+
+    async def failing(**kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(client, "get_object", failing)
+    with pytest.raises(StorageUnavailable, match="'seg/1'"):
+        await storage.get_range("seg/1", 0, 10)
+    error = client_error(403, "AccessDenied")
+    with pytest.raises(DependencyError, match="credentials were refused"):
+        await storage.get_range("seg/1", -10, 10)
+
+
+async def test_s3_get_range_of_an_unreachable_endpoint_is_transient() -> None:
+    storage = make("rrb-bucket", f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.get_range("k", 0, 10)
+    finally:
+        await storage.close()
+
+
 @pytest.mark.parametrize(
     ("status", "code", "expected", "text"),
     [

@@ -11,7 +11,8 @@ from typing import Any
 
 import redis
 
-from rrb_streams.format import codec, layout
+from rrb_streams.format import codec, layout, segment
+from rrb_streams.format.ranges import list_segments
 from rrb_streams.storage.base import Storage
 
 Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]
@@ -65,14 +66,37 @@ def difference(expected: Snapshot, got: Snapshot, examples: int = 5) -> str:
     )
 
 
-async def restore_latest(storage: Storage, target: redis.Redis, prefix: str = "") -> int:
-    """RESTORE every latest-state object under ``prefix`` into ``target``. Returns the count."""
-    count = 0
+async def latest_records(
+    storage: Storage, prefix: str = ""
+) -> dict[tuple[int, bytes], codec.KeyRecord]:
+    """Every key's newest stored record that is not a tombstone, whatever the layout: the
+    segments' highest stamp per key, and the keys layout's newest object where it was read
+    later. A test's reading of the backup, independent of the restore's machinery."""
+    newest: dict[tuple[int, bytes], codec.KeyRecord] = {}
+    async for info in list_segments(storage, prefix):
+        _, blocks = segment.decode_segment(await storage.get(info.name), info.name)
+        for records in blocks:
+            assert not isinstance(records, Exception), records
+            for rec in records:
+                best = newest.get((rec.db, rec.key))
+                if best is None or segment.newer(rec, best):
+                    newest[(rec.db, rec.key)] = rec
     async for info in storage.list(prefix):
         parsed = layout.parse_name(info.name, prefix)
-        if parsed is None or parsed.versioned:
+        if parsed is None:
             continue
         rec = codec.decode(await storage.get(info.name), info.name)
+        best = newest.get((rec.db, rec.key))
+        if best is None or rec.read_at_us > best.read_at_us:
+            newest[(rec.db, rec.key)] = rec
+    return {k: r for k, r in newest.items() if not r.tombstone}
+
+
+async def restore_latest(storage: Storage, target: redis.Redis, prefix: str = "") -> int:
+    """RESTORE every key's newest stored state under ``prefix`` into ``target``. Returns the
+    count."""
+    count = 0
+    for rec in (await latest_records(storage, prefix)).values():
         target.execute_command("SELECT", rec.db)
         if rec.expire_at_ms is None:
             target.restore(rec.key, 0, rec.payload, replace=True)

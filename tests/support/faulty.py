@@ -16,6 +16,8 @@ It wraps any backend and passes calls through unless told otherwise::
 A call goes through these steps in order: it is counted; it blocks while its method hangs;
 it fails if ``down``; it fails if a ``fail_next`` budget covers it; it is rejected if
 ``reject`` matches its name (put, get, delete); then the wrapped backend runs it.
+Reads are all ``"get"``: a ``get_range`` is one, a ``get_many`` one per name, so
+``fail_next(1, "get")``, ``hang("get")`` and ``calls["get"]`` cover every way of reading.
 ``close`` is counted and passed through but never fails or hangs, so shutdown paths stay
 testable.
 """
@@ -111,6 +113,10 @@ class FaultyStorage:
     async def get(self, name: str) -> bytes:
         await self._enter("get", name)
         return await self.inner.get(name)
+
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        await self._enter("get", name)
+        return await self.inner.get_range(name, start, length)
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         for name in names:

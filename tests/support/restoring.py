@@ -12,7 +12,7 @@ import anyio
 import redis
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.format import codec, layout
+from rrb_streams.format import codec, layout, segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.restore.run import Report, Restorer
 from rrb_streams.storage.base import Storage
@@ -187,3 +187,15 @@ async def backup_keys(
         names[key] = await put_latest(storage, rec, prefix, flush=False)
     await storage.flush()
     return names
+
+
+async def put_segment(
+    storage: Storage, records: list[KeyRecord], prefix: str = "", **encode: Any
+) -> str:
+    """Store ``records`` as one segment object of level 0, as an uploader would; ``encode``
+    passes block sizes to :func:`encode_segment`. Returns the object name."""
+    stamps = [r.stamp for r in records]
+    name = segment.segment_name(prefix, 0, min(stamps), max(stamps), segment.new_uid())
+    await storage.put(name, segment.encode_segment(records, **encode))
+    await storage.flush()
+    return name

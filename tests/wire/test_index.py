@@ -319,5 +319,6 @@ def test_index_digest_covers_type_expiry_payload_and_target() -> None:
         storage_target("memory://", "p/", versioning=False),
         storage_target("file:///x", "", versioning=False),
         storage_target("memory://", "", versioning=True),
+        storage_target("memory://", "", versioning=False, layout="segments"),
     ):
         assert digest(base, moved) != digest(base, target)

@@ -1,0 +1,420 @@
+"""Reading the segment layout by key range: the newest record per key, in bounded memory.
+
+Every segment's records are sorted by ``(db, key)`` and cut into blocks, and its block index
+says each block's first and last key (:mod:`rrb_streams.format.segment`). A reader therefore:
+
+1. lists the segments and fetches each one's index: one ranged GET of its tail
+   (:func:`read_footers`);
+2. cuts the key space into :class:`Range` values, each naming the blocks that may hold its
+   keys, so that each range fetches about ``budget`` bytes (:func:`plan_ranges`). A block
+   spanning several ranges is named by each of them;
+3. per range, fetches those blocks (ranged GETs), keeps the records inside the range, and
+   per key the record with the highest ``(stamp, read_at_us)``, among those read at or before
+   ``--at`` when one is given (:func:`read_range`).
+
+A range holds every record any segment has for its keys, so its winners are final: ranges
+can be restored or compared independently, by different processes, in any order.
+
+**Damage.** A block whose checksum fails is reported with the key span its index gives.
+No key inside that span is decided from the other blocks: the damaged block might have held
+a newer record of it. The caller counts those keys as failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from rrb_streams.errors import CorruptObject, ObjectNotFound
+from rrb_streams.format import codec
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.format.layout import latest_name
+from rrb_streams.format.segment import (
+    TAIL_READ,
+    BlockInfo,
+    Footer,
+    NeedMore,
+    decode_block,
+    newer,
+    parse_segment_name,
+    read_footer,
+    segments_prefix,
+)
+from rrb_streams.storage.base import ObjectInfo, Storage
+
+Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
+
+DEFAULT_BUDGET = 8 << 20  # compressed bytes a range fetches, about
+_FOOTER_READERS = 8  # segments whose index is fetched at once
+_BLOCK_READERS = 4  # blocks of one range fetched at once
+_DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """One block of one segment object."""
+
+    name: str
+    info: BlockInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Keys from ``lo`` (inclusive; ``None``: the first) to ``hi`` (exclusive; ``None``: past
+    the last), and every block that may hold records of them."""
+
+    lo: Key | None
+    hi: Key | None
+    blocks: tuple[BlockRef, ...]
+
+    @property
+    def records(self) -> int:
+        """Records of its blocks: an upper bound of its keys, for progress."""
+        return sum(b.info.count for b in self.blocks)
+
+    @property
+    def size(self) -> int:
+        """Compressed bytes its blocks fetch."""
+        return sum(b.info.length for b in self.blocks)
+
+    def holds(self, key: Key) -> bool:
+        return (self.lo is None or key >= self.lo) and (self.hi is None or key < self.hi)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "lo": _key_out(self.lo),
+                "hi": _key_out(self.hi),
+                "b": [_block_out(b) for b in self.blocks],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Range:
+        """Raises ``ValueError`` (or ``KeyError``/``TypeError``) on anything malformed."""
+        raw = json.loads(text)
+        return cls(_key_in(raw["lo"]), _key_in(raw["hi"]), tuple(_block_in(b) for b in raw["b"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """A block that failed its checks: no key in ``first``..``last`` is decided."""
+
+    name: str
+    block: int  # its offset in the object
+    first: Key
+    last: Key
+    records: int
+    reason: str
+
+    def covers(self, key: Key) -> bool:
+        return self.first <= key <= self.last
+
+
+@dataclass
+class RangeRead:
+    """What :func:`read_range` found: the winner per key, and the damage."""
+
+    winners: dict[Key, tuple[KeyRecord, str]] = field(default_factory=dict)  # and its object
+    damaged: list[Damage] = field(default_factory=list)
+    undecided: list[Key] = field(default_factory=list)  # keys a damaged block may have held
+    fetched: int = 0  # compressed bytes
+
+    def covering(self, key: Key) -> Damage | None:
+        """The damage that leaves ``key`` undecided, if any."""
+        return next((d for d in self.damaged if d.covers(key)), None)
+
+
+@dataclass
+class FooterStats:
+    segments: int = 0
+    blocks: int = 0
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (object, reason)
+
+
+async def list_segments(storage: Storage, prefix: str) -> AsyncIterator[ObjectInfo]:
+    """Every segment object under ``prefix``, every level, in name order."""
+    async for info in storage.list(segments_prefix(prefix)):
+        if parse_segment_name(info.name, prefix) is not None:
+            yield info
+
+
+async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
+    """The block index of one segment: a ranged GET of its tail, a second when the index is
+    longer than :data:`TAIL_READ`. Raises ``CorruptObject`` or ``ObjectNotFound``."""
+    want = min(TAIL_READ, info.size)
+    while True:
+        tail = await storage.get_range(info.name, -want, want)
+        try:
+            return read_footer(tail, info.size, info.name)
+        except NeedMore as more:
+            if more.needed <= want or more.needed > info.size:
+                raise CorruptObject(
+                    f"{info.name}: the block index does not fit the object"
+                ) from None
+            want = more.needed
+
+
+async def read_footers(storage: Storage, prefix: str, *, stats: FooterStats) -> list[BlockRef]:
+    """The blocks of every segment under ``prefix``. A segment whose index is damaged is
+    counted in ``stats.damaged`` and left out; one deleted since the listing is skipped."""
+    infos = [info async for info in list_segments(storage, prefix)]
+    blocks: list[BlockRef] = []
+    limiter = anyio.CapacityLimiter(_FOOTER_READERS)
+
+    async def one(info: ObjectInfo) -> None:
+        async with limiter:
+            try:
+                footer = await read_footer_of(storage, info)
+            except ObjectNotFound:
+                return  # compacted away since the listing: its records live on elsewhere
+            except CorruptObject as exc:
+                stats.damaged.append((info.name, str(exc)))
+                return
+        stats.segments += 1
+        stats.blocks += len(footer.blocks)
+        blocks.extend(BlockRef(info.name, b) for b in footer.blocks)
+
+    async with anyio.create_task_group() as tg:
+        for info in infos:
+            tg.start_soon(one, info)
+    return blocks
+
+
+def plan_ranges(
+    blocks: Sequence[BlockRef],
+    *,
+    budget: int = DEFAULT_BUDGET,
+    at_us: int | None = None,
+    db: int | None = None,
+) -> list[Range]:
+    """Cut the key space into ranges of about ``budget`` compressed bytes each.
+
+    Blocks whose records were all read after ``at_us``, or that hold no key of ``db``, are
+    left out. A range ends where the next block starts; blocks reaching past the end carry
+    over into the next range as well, so every range names every block that may hold its keys.
+    """
+    chosen = [
+        b
+        for b in blocks
+        if (at_us is None or b.info.min_read_at_us <= at_us)
+        and (db is None or b.info.first[0] <= db <= b.info.last[0])
+    ]
+    chosen.sort(key=lambda b: (b.info.first, b.name, b.info.offset))
+    out: list[Range] = []
+    lo: Key | None = None if db is None else (db, b"")
+    carried: list[BlockRef] = []
+    i = 0
+    while i < len(chosen) or carried:
+        members = list(carried)
+        size = sum(b.info.length for b in members)
+        # Take at least one new block, so every range moves forward.
+        while i < len(chosen) and (size < budget or len(members) == len(carried)):
+            members.append(chosen[i])
+            size += chosen[i].info.length
+            i += 1
+        # Blocks starting at the same key cannot be split between ranges.
+        while i < len(chosen) and chosen[i].info.first == members[-1].info.first:
+            members.append(chosen[i])
+            i += 1
+        hi: Key | None = chosen[i].info.first if i < len(chosen) else None
+        if db is not None and hi is None:
+            hi = (db + 1, b"")
+        out.append(Range(lo, hi, tuple(members)))
+        carried = [b for b in members if hi is not None and b.info.last >= hi]
+        if hi is None or (db is not None and hi >= (db + 1, b"")):
+            break
+        lo = hi
+    return out
+
+
+async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) -> RangeRead:
+    """The newest record per key of ``rng`` (at or before ``at_us``), from its blocks."""
+    out = RangeRead()
+    limiter = anyio.CapacityLimiter(_BLOCK_READERS)
+    decoded: list[tuple[str, list[KeyRecord]]] = []
+
+    async def one(ref: BlockRef) -> None:
+        info = ref.info
+        async with limiter:
+            try:
+                data = await storage.get_range(ref.name, info.offset, info.length)
+            except ObjectNotFound as exc:
+                out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
+                return
+        out.fetched += len(data)
+        try:
+            if len(data) > _DECODE_IN_THREAD:
+                records = await anyio.to_thread.run_sync(decode_block, data, info, ref.name)
+            else:
+                records = decode_block(data, info, ref.name)
+        except CorruptObject as exc:
+            out.damaged.append(_damage(ref, str(exc)))
+            return
+        decoded.append((ref.name, records))
+
+    async with anyio.create_task_group() as tg:
+        for ref in rng.blocks:
+            tg.start_soon(one, ref)
+    winners = out.winners
+    lo, hi = rng.lo, rng.hi
+    for name, records in decoded:
+        for rec in records:
+            key = (rec.db, rec.key)
+            if (lo is not None and key < lo) or (hi is not None and key >= hi):
+                continue
+            if at_us is not None and rec.read_at_us > at_us:
+                continue
+            best = winners.get(key)
+            if best is None or newer(rec, best[0]):
+                winners[key] = (rec, name)
+    if out.damaged:
+        out.undecided = [k for k in winners if out.covering(k) is not None]
+        for key in out.undecided:
+            del winners[key]
+    return out
+
+
+class SegmentIndex:
+    """The block indexes of a prefix's segments, kept between looks: segments never change
+    once written, so a fresh look fetches only the indexes of segments new since the last.
+
+    For checks of a few keys at a time (``rrb-verify``'s re-checks), not for whole restores.
+    """
+
+    def __init__(self, storage: Storage, prefix: str) -> None:
+        self._storage = storage
+        self._prefix = prefix
+        self._footers: dict[str, Footer] = {}
+
+    async def refresh(self) -> None:
+        """List the segments again; fetch the indexes of new ones, forget deleted ones."""
+        names: dict[str, ObjectInfo] = {}
+        async for info in list_segments(self._storage, self._prefix):
+            names[info.name] = info
+        for name in [n for n in self._footers if n not in names]:
+            del self._footers[name]
+        for name, info in names.items():
+            if name not in self._footers:
+                try:
+                    self._footers[name] = await read_footer_of(self._storage, info)
+                except (ObjectNotFound, CorruptObject):
+                    continue  # gone again, or damaged: a whole read reports it
+
+    async def lookup(self, keys: Sequence[Key]) -> RangeRead:
+        """The newest record of each key that the segments hold (as of the last refresh)."""
+        out = RangeRead()
+        for key in keys:
+            blocks = tuple(
+                BlockRef(name, b)
+                for name, footer in self._footers.items()
+                for b in footer.blocks
+                if b.first <= key <= b.last
+            )
+            if not blocks:
+                continue
+            one = await read_range(self._storage, Range(key, (key[0], key[1] + b"\x00"), blocks))
+            out.winners.update(one.winners)
+            out.damaged += one.damaged
+            out.undecided += one.undecided
+            out.fetched += one.fetched
+        return out
+
+
+async def prefer_keys_layout(
+    storage: Storage,
+    prefix: str,
+    winners: dict[Key, tuple[KeyRecord, str]],
+    *,
+    at_us: int | None = None,
+    on_damaged: Callable[[str, str], None] | None = None,
+) -> None:
+    """Where the prefix also holds the keys layout (its uploaders changed layout), let each
+    key's latest-state object there replace its segment winner when it was read later, by
+    the source's clock: the two layouts share no stamps. ``on_damaged(name, reason)`` hears
+    of keys-layout objects that fail their checksum; they are passed over."""
+    keys = list(winners)
+    names = [latest_name(prefix, db, key) for db, key in keys]
+    for key, name, data in zip(keys, names, await storage.get_many(names), strict=True):
+        if isinstance(data, ObjectNotFound):
+            continue
+        try:
+            rec = codec.decode(data, name)
+        except CorruptObject as exc:
+            if on_damaged is not None:
+                on_damaged(name, str(exc))
+            continue
+        if rec.read_at_us > winners[key][0].read_at_us and (
+            at_us is None or rec.read_at_us <= at_us
+        ):
+            winners[key] = (rec, name)
+
+
+def range_key_out(key: Key | None) -> str:
+    """A range bound as text (JSON), for a plan's cursor."""
+    return json.dumps(_key_out(key))
+
+
+def range_key_in(text: str) -> Key | None:
+    """The inverse of :func:`range_key_out`. Raises ``ValueError`` on malformed text."""
+    try:
+        return _key_in(json.loads(text))
+    except (TypeError, IndexError, KeyError) as exc:
+        raise ValueError(f"malformed range cursor {text!r}") from exc
+
+
+def _damage(ref: BlockRef, reason: str) -> Damage:
+    i = ref.info
+    return Damage(ref.name, i.offset, i.first, i.last, i.count, reason)
+
+
+def _key_out(key: Key | None) -> Any:
+    return None if key is None else [key[0], base64.b64encode(key[1]).decode()]
+
+
+def _key_in(raw: Any) -> Key | None:
+    return None if raw is None else (int(raw[0]), base64.b64decode(raw[1], validate=True))
+
+
+def _block_out(ref: BlockRef) -> list[Any]:
+    i = ref.info
+    return [
+        ref.name,
+        i.offset,
+        i.length,
+        i.raw_length,
+        i.count,
+        _key_out(i.first),
+        _key_out(i.last),
+        i.min_read_at_us,
+        i.max_read_at_us,
+        i.min_stamp,
+        i.max_stamp,
+        i.checksum.hex(),
+    ]
+
+
+def _block_in(raw: list[Any]) -> BlockRef:
+    first, last = _key_in(raw[5]), _key_in(raw[6])
+    if first is None or last is None:
+        raise ValueError("a block without its first and last key")
+    info = BlockInfo(
+        offset=int(raw[1]),
+        length=int(raw[2]),
+        raw_length=int(raw[3]),
+        count=int(raw[4]),
+        first=first,
+        last=last,
+        min_read_at_us=int(raw[7]),
+        max_read_at_us=int(raw[8]),
+        min_stamp=int(raw[9]),
+        max_stamp=int(raw[10]),
+        checksum=bytes.fromhex(raw[11]),
+    )
+    return BlockRef(str(raw[0]), info)

@@ -1,0 +1,229 @@
+"""rrb-restore of the segment layout against real Redis servers: the newest read per key wins
+whatever order segments landed in, damaged blocks fail only their keys, a prefix may hold
+both layouts, and ``--at`` picks each key's state at any moment."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+import anyio
+import pytest
+import redis
+
+from rrb_streams.format import segment
+from rrb_streams.format.codec import KeyRecord
+from rrb_streams.format.ranges import FooterStats, read_footers
+from rrb_streams.restore.report import exit_status
+from rrb_streams.storage.base import Storage
+from rrb_streams.storage.url import StorageSpec
+from tests.support.dataset import snapshot
+from tests.support.pipeline import running_pipeline, wait_drained
+from tests.support.restoring import (
+    dumped_record,
+    expire_at_ms,
+    populate_every_type,
+    put_latest,
+    put_segment,
+    restore,
+    restore_config,
+    source_time_us,
+)
+from tests.support.servers import RedisServer
+
+Factory = Callable[..., RedisServer]
+
+
+def records_of(c: redis.Redis, *, stamp: int) -> list[KeyRecord]:
+    """Every key of ``c``'s db 0 as a record stamped ``stamp``."""
+    return [
+        replace(dumped_record(c, key, expire_at_ms=expire_at_ms(c, key)), stamp=stamp)
+        for key in sorted(c.scan_iter(count=1000))
+    ]
+
+
+def value_record(
+    key: bytes, value: bytes, *, stamp: int, read_at_us: int, c: redis.Redis
+) -> KeyRecord:
+    """A record of ``key`` holding the string ``value``, with a real DUMP payload."""
+    c.set(b"tmp:dump", value)
+    payload = c.dump(b"tmp:dump")
+    c.delete(b"tmp:dump")
+    assert isinstance(payload, bytes)
+    return KeyRecord(key, 0, "string", None, read_at_us, "", "7.0.15", payload, stamp=stamp)
+
+
+@pytest.mark.anyio
+async def test_restore_of_segments_is_exact_over_many_ranges(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    source, target = redis_factory(), redis_factory()
+    with source.client() as c:
+        populate_every_type(c, bulk=400)
+        records = records_of(c, stamp=1_000)
+        expected = snapshot(c)
+    # Older states of a third of the keys in other segments: they must lose.
+    random.seed(7)
+    stale = [
+        replace(r, stamp=r.stamp - 1 - i, payload=r.payload if r.type != "string" else r.payload)
+        for i, r in enumerate(random.sample(records, len(records) // 3))
+    ]
+    random.shuffle(records)
+    half = len(records) // 2
+    await put_segment(storage, records[:half], block_records=16)
+    await put_segment(storage, stale, block_records=7)
+    await put_segment(storage, records[half:], block_records=16)
+    # A small budget: many ranges, shared by the writers.
+    report = await restore(restore_config(target.url(), spec, range_bytes=4_000), storage)
+    assert report.totals is not None
+    assert report.totals["restored"] == len(expected)
+    assert report.totals["failed"] == 0
+    assert exit_status(report) == 0
+    with target.client() as t:
+        assert snapshot(t) == expected
+
+
+@pytest.mark.anyio
+async def test_a_late_landing_stale_segment_never_wins(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    source, target = redis_factory(), redis_factory()
+    with source.client() as c:
+        now = source_time_us(c)
+        newer = value_record(b"hot", b"new", stamp=200, read_at_us=now, c=c)
+        # The stale read landed last, and its host's clock even said it was later: only the
+        # stamp taken with the lease says which read came first.
+        older = value_record(b"hot", b"old", stamp=100, read_at_us=now + 5_000_000, c=c)
+        gone = replace(
+            value_record(b"deleted", b"", stamp=300, read_at_us=now, c=c),
+            tombstone=True,
+            type="none",
+            payload=b"",
+        )
+        alive_before = value_record(b"deleted", b"was-here", stamp=250, read_at_us=now, c=c)
+    await put_segment(storage, [newer, gone])
+    await put_segment(storage, [older, alive_before])
+    report = await restore(restore_config(target.url(), spec), storage)
+    assert report.totals is not None
+    assert (report.totals["restored"], report.totals["absent"]) == (1, 1)
+    with target.client() as t:
+        assert t.get(b"hot") == b"new"
+        assert t.exists(b"deleted") == 0
+
+
+@pytest.mark.anyio
+async def test_a_damaged_block_fails_its_keys_and_the_rest_are_exact(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    source, target = redis_factory(), redis_factory()
+    with source.client() as c:
+        for i in range(100):
+            c.set(b"k:%03d" % i, b"v%d" % i)
+        records = records_of(c, stamp=10)
+    name = await put_segment(storage, records, block_records=10)
+    stats = FooterStats()
+    blocks = await read_footers(storage, "", stats=stats)
+    hit = sorted(blocks, key=lambda b: b.info.offset)[3].info
+    data = bytearray(await storage.get(name))
+    data[hit.offset + hit.length // 2] ^= 0xFF
+    await storage.put(name, bytes(data))
+    await storage.flush()
+
+    report = await restore(restore_config(target.url(), spec), storage)
+    assert report.totals is not None
+    assert report.totals["failed"] == 1  # the block, named
+    assert report.totals["restored"] == 90
+    assert exit_status(report) == 3
+    assert any(f"{name}@{hit.offset}" == failed for failed, _ in report.totals.failures)
+    with target.client() as t:
+        for i in range(100):
+            key = b"k:%03d" % i
+            inside = hit.first[1] <= key <= hit.last[1]
+            assert t.get(key) == (None if inside else b"v%d" % i)
+
+
+@pytest.mark.anyio
+async def test_a_prefix_holding_both_layouts_restores_each_keys_newest_read(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    source, target = redis_factory(), redis_factory()
+    with source.client() as c:
+        t0 = source_time_us(c)
+
+        def rec(key: bytes, value: bytes, at: int, stamp: int = 0) -> KeyRecord:
+            return value_record(key, value, stamp=stamp, read_at_us=t0 + at, c=c)
+
+        # Switched from keys to segments: the segment records are newer.
+        await put_latest(storage, rec(b"to-segments", b"keys-old", 1))
+        seg = [rec(b"to-segments", b"seg-new", 2, stamp=5)]
+        # Switched back from segments to keys: the keys object is newer.
+        seg.append(rec(b"to-keys", b"seg-old", 1, stamp=6))
+        await put_latest(storage, rec(b"to-keys", b"keys-new", 2))
+        # Deleted after the switch to segments: the tombstone is the newest read.
+        await put_latest(storage, rec(b"deleted", b"keys-old", 1))
+        tomb = rec(b"deleted", b"", 2, stamp=7)
+        seg.append(replace(tomb, tombstone=True, type="none", payload=b""))
+        seg.append(rec(b"only-segments", b"s", 1, stamp=8))
+        await put_latest(storage, rec(b"only-keys", b"k", 1))
+    await put_segment(storage, seg)
+    report = await restore(restore_config(target.url(), spec), storage)
+    assert report.totals is not None
+    assert report.totals["failed"] == 0
+    with target.client() as t:
+        assert t.get(b"to-segments") == b"seg-new"
+        assert t.get(b"to-keys") == b"keys-new"
+        assert t.exists(b"deleted") == 0
+        assert t.get(b"only-segments") == b"s"
+        assert t.get(b"only-keys") == b"k"
+        assert sorted(t.scan_iter()) == [b"only-keys", b"only-segments", b"to-keys", b"to-segments"]
+
+
+@pytest.mark.anyio
+async def test_at_between_every_pair_of_changes_of_a_key(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    """Through the real pipeline with the default layout: no flag at backup time."""
+    # The change stream on its own Redis: a FLUSHALL of the source leaves the stored-keys
+    # index that tells which keys it removed (README, Limits).
+    source, target, streams = redis_factory(), redis_factory(), redis_factory()
+    moments: list[tuple[int, dict[bytes, bytes | None]]] = []
+
+    def changes(c: redis.Redis) -> list[Callable[[], object]]:
+        return [
+            lambda: c.set(b"k", b"v1"),
+            lambda: c.set(b"k", b"v2"),
+            lambda: c.delete(b"k"),
+            lambda: c.set(b"k", b"v3", px=3_600_000),
+            lambda: c.rename(b"k", b"moved"),
+            lambda: c.set(b"k", b"v4"),
+            lambda: c.flushall(),
+            lambda: c.set(b"k", b"v5"),
+        ]
+
+    async with running_pipeline(
+        source.url(), storage, stream_url=streams.url(), upload={"segment_interval": 0.05}
+    ):
+        with source.client() as c:
+            moments.append((source_time_us(c), {}))
+            for change in changes(c):
+                change()
+                await wait_drained(streams.url())
+                await anyio.sleep(0.01)  # the next change is read at a later microsecond
+                moments.append(
+                    (source_time_us(c), {k: c.get(k) for k in (b"k", b"moved") if c.exists(k)})
+                )
+    seen = set()
+    for at_us, expected in moments:
+        with target.client() as t:
+            t.flushall()
+        report = await restore(restore_config(target.url(), spec, at_us=at_us), storage)
+        assert report.totals is not None
+        assert report.totals["failed"] == 0
+        with target.client() as t:
+            got = {k: t.get(k) for k in (b"k", b"moved") if t.exists(k)}
+        assert got == expected, f"--at {at_us}"
+        seen.add(tuple(sorted(got.items())))
+    assert len(seen) >= 6  # the moments really told different states apart
+    segments = [i async for i in storage.list(segment.segments_prefix(""))]
+    assert segments, "the default layout wrote no segments"
