@@ -9,9 +9,9 @@ Run from the repository root, after ``scripts/test`` made ``.venv``::
 
 Not part of the test suite. The original runs in its own Python 3.11 virtualenv, made on
 first use with pip and reused afterwards (``--original-venv``, default
-``/tmp/rrb-original-venv``), with the versions it was published against: see
-``ORIGINAL_PINS``. It declares no dependencies, so they are pinned here, and it imports
-``aioredis_watchdog`` (its author's package), which its ``requirements.txt`` lists.
+``/tmp/rrb-original-venv``), with package versions of its time: see ``ORIGINAL_PINS``. It
+declares no dependencies, so they are pinned here, and it imports ``aioredis_watchdog`` (its
+author's package), which its ``requirements.txt`` lists.
 
 The workload is the original's ``examples/data_producer.py``: ``SET users:profile:user-N
 <uuid4 hex>`` for N below ``--keys``, here in pipelines of 1,000 rather than one at a time.
@@ -37,7 +37,14 @@ Each run, for each tool (the order alternates from run to run):
    value written; a key counts as exact only when its value is byte for byte the same.
 
 Reported per tool: drain seconds, restore seconds, exact keys restored, and the ratio
-original / ours of each time. Medians over ``--runs``.
+original / ours of each time. Medians over ``--runs``. Also shown: the objects in the bucket
+and the keys in the restored Redis (our own ``rrb:`` keys left out).
+
+``--layout`` is passed to our ``rrb`` when it has that option (``segments`` puts many keys'
+records in one object, so there are far fewer objects than keys); an ``rrb`` without it
+stores one object per key, reported as layout ``keys``. With one object per key, both tools
+make one PUT per key and one GET per key to restore, so moto's own request rate (a few hundred
+a second on 2 cores) bounds both times.
 
 How the original is driven (from its README and its code): ``rrb -c 2 REDIS_URL`` and
 ``rrb-restore -c 2 REDIS_URL``, with ``S3_SERVER`` (the endpoint, passed to aiobotocore as
@@ -55,6 +62,7 @@ import json
 import logging
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,9 +75,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
+import boto3  # type: ignore[import-untyped]
 import redis
-from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
 
@@ -133,10 +141,9 @@ def original_venv(root: Path, python: str) -> Path:
 def installed_versions(bin_dir: Path) -> dict[str, str]:
     """Name to version of what the original's virtualenv holds."""
     pip = [str(bin_dir / "python"), "-m", "pip", "--disable-pip-version-check"]
-    out = subprocess.run(
-        [*pip, "list", "--format=json"], capture_output=True, text=True, check=True
-    )
-    return {p["name"].lower(): p["version"] for p in json.loads(out)}
+    listed = [*pip, "list", "--format=json"]
+    done = subprocess.run(listed, capture_output=True, text=True, check=True)
+    return {p["name"].lower(): p["version"] for p in json.loads(done.stdout)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ class Tool:
 
 def subscribed(c: redis.Redis) -> bool:
     """Whether some client has a keyspace pattern subscription on ``c``."""
-    return int(c.execute_command("PUBSUB", "NUMPAT")) >= 1
+    return int(c.pubsub_numpat()) >= 1
 
 
 def original_tool(bin_dir: Path) -> Tool:
@@ -302,10 +309,11 @@ def layout_support() -> tuple[bool, str | None]:
     done = subprocess.run(command("rrb", "--help"), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"rrb --help failed: our rrb cannot start:\n{done.stderr[-2000:]}")
-    text = done.stdout
-    if "--layout" not in text:
+    # The option's own entry in the help: from its line to the next option's.
+    entry = re.search(r"^\s+--layout\b.*?(?=^\s+-|\Z)", done.stdout, re.MULTILINE | re.DOTALL)
+    if entry is None:
         return False, None
-    found = re.search(r"--layout.*?\(default:\s*([\w-]+)\)", text, re.DOTALL)
+    found = re.search(r"\(default:\s*([\w-]+)\)", entry.group(0))
     return True, found.group(1) if found else None
 
 
@@ -540,6 +548,8 @@ def main() -> None:
     )
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = p.parse_args()
+    # A SIGTERM unwinds like ^C, so every finally stops what this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     bin_dir = original_venv(args.original_venv, args.python)
     versions = installed_versions(bin_dir)
@@ -602,6 +612,10 @@ def main() -> None:
     }
     print()
     print(table(report))
+    for name, runs in results.items():
+        for i, r in enumerate(runs, 1):
+            for note in r.notes:
+                print(f"[!] run {i} {name}: {note}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"[*] results written to {args.json}")

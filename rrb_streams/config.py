@@ -215,7 +215,7 @@ class RestoreConfig(_OwnKeys, _Masked):
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
     batch_size: int = 200  # objects per restore-stream entry: a writer's unit of work
-    range_bytes: int = 8 << 20  # segment layout: compressed bytes per key range (a unit of work)
+    range_bytes: int = 1 << 20  # segment layout: record bytes per key range (a unit of work)
     retry_timeout: float = 60.0  # seconds of continuous failure before giving up
     max_backlog: int = 100_000  # planned-but-unwritten objects the restore stream may hold
     claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken
@@ -273,7 +273,7 @@ class RestoreConfig(_OwnKeys, _Masked):
             raise ConfigError("invalid --consumer '': must not be empty")
         if not self.own_prefix:
             raise ConfigError("invalid --own-prefix '': must not be empty")
-        for name in ("batch_size", "max_backlog"):
+        for name in ("batch_size", "range_bytes", "max_backlog"):
             _positive(name, getattr(self, name))
         for name in ("retry_timeout", "claim_idle", "grace", "max_backoff"):
             _positive(name, getattr(self, name))

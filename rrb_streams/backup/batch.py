@@ -288,8 +288,9 @@ class BatchProcessor:
             tg.start_soon(self._keep_leases, token, held, in_flight)
             try:
                 out = await self._read_and_write(work, to_write, in_flight)
-                if out.written and self._sink is None:  # a segment is durable when written
-                    await self._flush()
+                if out.written:
+                    if self._sink is None:  # a segment is durable once written
+                        await self._flush()
                     if self._lags is not None:
                         self._lags.stored(out.read_at_us)
             except Exception as exc:

@@ -87,6 +87,7 @@ class SegmentSink:
         self._open = _Segment()
         self._waiting = 0  # writers waiting for their segments
         self._changed = anyio.Event()
+        self._stopped: Exception | None = None  # set once run() has ended: writes fail
 
     async def write(self, records: Sequence[KeyRecord]) -> None:
         """Return once every record is in a durable segment.
@@ -98,8 +99,12 @@ class SegmentSink:
         for rec in records:
             seg = self._open
             while seg.sealed:  # full, and the one before it still being written
+                if self._stopped is not None:
+                    raise self._stopped
                 await self._next_change()
                 seg = self._open
+            if self._stopped is not None:
+                raise self._stopped
             if not seg.records:
                 seg.opened_at = anyio.current_time()
                 self._notify()
@@ -124,8 +129,19 @@ class SegmentSink:
                 raise seg.error
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Write segments as they come due, until cancelled."""
+        """Write segments as they come due, until cancelled; then fail every writer still
+        waiting, so none waits forever."""
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._stopped = StorageUnavailable("the segment writer stopped")
+            if not self._open.done.is_set():
+                self._open.error = self._stopped
+                self._open.done.set()
+            self._notify()
+
+    async def _run(self) -> None:
         while True:
             seg = self._open
             if not seg.records:

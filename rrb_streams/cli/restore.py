@@ -50,6 +50,7 @@ def _config(args: argparse.Namespace) -> RestoreConfig:
         dry_run=args.dry_run,
         own_prefix=args.own_prefix,
         batch_size=args.batch_size,
+        range_bytes=args.range_bytes,
         retry_timeout=args.retry_timeout,
         claim_idle=args.claim_idle,
         grace=args.grace,
@@ -118,8 +119,16 @@ def _parser() -> argparse.ArgumentParser:
         field="batch_size",
         type=int,
         metavar="N",
-        help="objects per batch: a writer's unit of work, and what a crash may redo "
-        "(default: %(default)s)",
+        help="keys layout: objects per batch, a writer's unit of work and what a crash may "
+        "redo (default: %(default)s)",
+    )
+    option(
+        "--range-bytes",
+        field="range_bytes",
+        type=int,
+        metavar="BYTES",
+        help="segment layout: bytes of records per key range, a writer's unit of work and what a "
+        "crash may redo (default: %(default)s)",
     )
     option(
         "--claim-idle",

@@ -6,7 +6,7 @@ says each block's first and last key (:mod:`rrb_streams.format.segment`). A read
 1. lists the segments and fetches each one's index: one ranged GET of its tail
    (:func:`read_footers`);
 2. cuts the key space into :class:`Range` values, each naming the blocks that may hold its
-   keys, so that each range fetches about ``budget`` bytes (:func:`plan_ranges`). A block
+   keys, so that each range decodes about ``budget`` bytes (:func:`plan_ranges`). A block
    spanning several ranges is named by each of them;
 3. per range, fetches those blocks (ranged GETs), keeps the records inside the range, and
    per key the record with the highest ``(stamp, read_at_us)``, among those read at or before
@@ -15,9 +15,10 @@ says each block's first and last key (:mod:`rrb_streams.format.segment`). A read
 A range holds every record any segment has for its keys, so its winners are final: ranges
 can be restored or compared independently, by different processes, in any order.
 
-**Damage.** A block whose checksum fails is reported with the key span its index gives.
-No key inside that span is decided from the other blocks: the damaged block might have held
-a newer record of it. The caller counts those keys as failed.
+**Damage.** A block whose checksum fails is reported with the key span and the newest stamp
+its index gives. No key inside that span is decided from the other blocks unless its record
+there is newer than that stamp: the damaged block might have held a newer record of it. The
+caller counts those keys as failed.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from rrb_streams.storage.base import ObjectInfo, Storage
 
 Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 
-DEFAULT_BUDGET = 8 << 20  # compressed bytes a range fetches, about
+DEFAULT_BUDGET = 1 << 20  # bytes of records a range decodes, about: some 10,000 small ones
 _FOOTER_READERS = 8  # segments whose index is fetched at once
 _BLOCK_READERS = 4  # blocks of one range fetched at once
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
@@ -71,11 +72,10 @@ class Range:
     lo: Key | None
     hi: Key | None
     blocks: tuple[BlockRef, ...]
-
-    @property
-    def records(self) -> int:
-        """Records of its blocks: an upper bound of its keys, for progress."""
-        return sum(b.info.count for b in self.blocks)
+    #: Records of the blocks first named by this range, for progress: over the ranges of one
+    #: plan every record counts once, though a block reaching over several ranges is read by
+    #: each of them.
+    records: int = 0
 
     @property
     def size(self) -> int:
@@ -91,6 +91,7 @@ class Range:
                 "lo": _key_out(self.lo),
                 "hi": _key_out(self.hi),
                 "b": [_block_out(b) for b in self.blocks],
+                "n": self.records,
             },
             separators=(",", ":"),
         )
@@ -99,7 +100,11 @@ class Range:
     def from_json(cls, text: str | bytes) -> Range:
         """Raises ``ValueError`` (or ``KeyError``/``TypeError``) on anything malformed."""
         raw = json.loads(text)
-        return cls(_key_in(raw["lo"]), _key_in(raw["hi"]), tuple(_block_in(b) for b in raw["b"]))
+        try:
+            blocks = tuple(_block_in(b) for b in raw["b"])
+            return cls(_key_in(raw["lo"]), _key_in(raw["hi"]), blocks, int(raw.get("n", 0)))
+        except IndexError as exc:
+            raise ValueError(f"malformed key range: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +117,11 @@ class Damage:
     last: Key
     records: int
     reason: str
+    max_stamp: int = 0  # the newest stamp the block held, from the index
 
-    def covers(self, key: Key) -> bool:
-        return self.first <= key <= self.last
+    def covers(self, key: Key, stamp: int = 0) -> bool:
+        """Whether the block may have held a record of ``key`` newer than one of ``stamp``."""
+        return self.first <= key <= self.last and stamp <= self.max_stamp
 
 
 @dataclass
@@ -126,9 +133,9 @@ class RangeRead:
     undecided: list[Key] = field(default_factory=list)  # keys a damaged block may have held
     fetched: int = 0  # compressed bytes
 
-    def covering(self, key: Key) -> Damage | None:
-        """The damage that leaves ``key`` undecided, if any."""
-        return next((d for d in self.damaged if d.covers(key)), None)
+    def covering(self, key: Key, stamp: int = 0) -> Damage | None:
+        """The damage that leaves ``key`` (newest known at ``stamp``) undecided, if any."""
+        return next((d for d in self.damaged if d.covers(key, stamp)), None)
 
 
 @dataclass
@@ -148,6 +155,8 @@ async def list_segments(storage: Storage, prefix: str) -> AsyncIterator[ObjectIn
 async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
     """The block index of one segment: a ranged GET of its tail, a second when the index is
     longer than :data:`TAIL_READ`. Raises ``CorruptObject`` or ``ObjectNotFound``."""
+    if info.size == 0:
+        raise CorruptObject(f"{info.name}: empty, not a segment")
     want = min(TAIL_READ, info.size)
     while True:
         tail = await storage.get_range(info.name, -want, want)
@@ -194,7 +203,10 @@ def plan_ranges(
     at_us: int | None = None,
     db: int | None = None,
 ) -> list[Range]:
-    """Cut the key space into ranges of about ``budget`` compressed bytes each.
+    """Cut the key space into ranges whose blocks that start in them hold about ``budget``
+    bytes of records, as decoded, whatever the compression achieved. A reader of a range also
+    decodes the blocks carried over from the previous range: one per segment overlapping the
+    cut at most, which compaction keeps few.
 
     Blocks whose records were all read after ``at_us``, or that hold no key of ``db``, are
     left out. A range ends where the next block starts; blocks reaching past the end carry
@@ -213,20 +225,27 @@ def plan_ranges(
     i = 0
     while i < len(chosen) or carried:
         members = list(carried)
-        size = sum(b.info.length for b in members)
-        # Take at least one new block, so every range moves forward.
-        while i < len(chosen) and (size < budget or len(members) == len(carried)):
+        # Only blocks that start here count: with many overlapping segments the blocks carried
+        # over from the last range alone may exceed the budget, and counting them would cut a
+        # range per block, each reading every overlapping block again.
+        size = 0
+        while i < len(chosen) and size < budget:
             members.append(chosen[i])
-            size += chosen[i].info.length
+            size += chosen[i].info.raw_length
             i += 1
-        # Blocks starting at the same key cannot be split between ranges.
-        while i < len(chosen) and chosen[i].info.first == members[-1].info.first:
+        # Blocks starting at the same key cannot be split between ranges, and a range ends
+        # after its start (with ``db``, the first blocks may start in an earlier db).
+        while i < len(chosen) and (
+            chosen[i].info.first == members[-1].info.first
+            or (lo is not None and chosen[i].info.first <= lo)
+        ):
             members.append(chosen[i])
             i += 1
         hi: Key | None = chosen[i].info.first if i < len(chosen) else None
-        if db is not None and hi is None:
+        if db is not None and (hi is None or hi > (db + 1, b"")):
             hi = (db + 1, b"")
-        out.append(Range(lo, hi, tuple(members)))
+        fresh = sum(b.info.count for b in members[len(carried) :])
+        out.append(Range(lo, hi, tuple(members), fresh))
         carried = [b for b in members if hi is not None and b.info.last >= hi]
         if hi is None or (db is not None and hi >= (db + 1, b"")):
             break
@@ -275,7 +294,9 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
             if best is None or newer(rec, best[0]):
                 winners[key] = (rec, name)
     if out.damaged:
-        out.undecided = [k for k in winners if out.covering(k) is not None]
+        # A record newer than everything a damaged block held still wins: after a repair
+        # wrote the key again, for one.
+        out.undecided = [k for k, (r, _) in winners.items() if out.covering(k, r.stamp)]
         for key in out.undecided:
             del winners[key]
     return out
@@ -371,7 +392,7 @@ def range_key_in(text: str) -> Key | None:
 
 def _damage(ref: BlockRef, reason: str) -> Damage:
     i = ref.info
-    return Damage(ref.name, i.offset, i.first, i.last, i.count, reason)
+    return Damage(ref.name, i.offset, i.first, i.last, i.count, reason, i.max_stamp)
 
 
 def _key_out(key: Key | None) -> Any:

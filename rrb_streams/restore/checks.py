@@ -83,7 +83,12 @@ async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:
         return
     if not await has_versions(storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy):
         where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
+        if cfg.legacy:
+            raise ConfigError(
+                f"--at needs a backup made with --versioning, and {where} holds no versions: "
+                "without versions only the latest state can be restored (drop --at)"
+            )
         raise ConfigError(
-            f"--at needs the segment layout or a keys-layout backup made with --versioning, "
-            f"and {where} holds neither: only the latest state can be restored (drop --at)"
+            f"--at needs segments or a keys-layout backup made with --versioning, and {where} "
+            "holds neither: only the latest state can be restored (drop --at)"
         )

@@ -16,7 +16,7 @@ by millions of names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -25,7 +25,6 @@ from rrb_streams.config import RestoreConfig
 from rrb_streams.format.legacy import parse_legacy_name
 from rrb_streams.format.ranges import (
     FooterStats,
-    Range,
     plan_ranges,
     range_key_in,
     range_key_out,
@@ -94,7 +93,7 @@ class Planner:
             ranges = [r for r in ranges if r.hi is None or start is None or r.hi > start]
             if ranges and start is not None:
                 first = ranges[0]
-                ranges[0] = Range(max(first.lo or start, start), first.hi, first.blocks)
+                ranges[0] = replace(first, lo=max(first.lo or start, start))
         mixed = bool(blocks) and await has_keys_layout(
             self._storage.list(list_prefix(cfg)), cfg.path_prefix
         )
@@ -106,6 +105,7 @@ class Planner:
             last = i + _RANGES_PER_CALL >= len(ranges)
             await state.add_ranges(
                 chunk,
+                listed=0 if i else footers.segments + len(footers.damaged),
                 mixed=mixed,
                 cursor=range_key_out(chunk[-1].hi) if chunk else "null",
                 done=last,

@@ -61,7 +61,7 @@ from rrb_streams.restore.state import (
     run_id,
 )
 from rrb_streams.restore.stats import ProcessStats, RestoreMetrics
-from rrb_streams.restore.writer import FAILED, OUTCOMES, Result, Writer
+from rrb_streams.restore.writer import FAILED, Tally, Writer
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
@@ -337,18 +337,19 @@ class Restorer:
             async for entry_id, work in receive:
                 if isinstance(work, RangeWork):
                     apply = functools.partial(writer.apply_range, work.range, mixed=work.mixed)
-                    results, seen = await self._until_done(task, apply)
+                    tally, seen = await self._until_done(task, apply)
                     if work.mixed:
                         groups = [key_dir(self.cfg.path_prefix, db, key) for db, key in seen]
                         await self._until_done(task, functools.partial(state.mark_seen, groups))
-                    ack = _ack(entry_id, results, done=work.records)
+                    ack = _ack(entry_id, tally, done=work.records)
                 else:
                     results = await self._until_done(task, functools.partial(writer.apply, work))
-                    ack = _ack(entry_id, results)
+                    tally = Tally.of(results)
+                    ack = _ack(entry_id, tally, done=len(results))
                 await self._until_done(task, functools.partial(state.ack, [ack]))
-                for res in results:
-                    self.stats.outcomes[res.outcome] += 1
-                    self.stats.bytes += res.bytes
+                for outcome, n in tally.counts.items():
+                    self.stats.outcomes[outcome] += n
+                self.stats.bytes += tally.bytes
                 reader.done([entry_id])
 
     async def _until_done(self, task: object, call: Any) -> Any:
@@ -388,15 +389,10 @@ class Restorer:
             await anyio.sleep(progress.interval)
 
 
-def _ack(entry_id: str, results: list[Result], *, done: int | None = None) -> Ack:
-    """``done``: what the entry adds to the run's progress (default: one per result)."""
-    counts = dict.fromkeys(OUTCOMES, 0)
-    for res in results:
-        counts[res.outcome] += 1
-    counts["bytes"] = sum(res.bytes for res in results)
-    counts["done"] = len(results) if done is None else done
-    failures = [(res.name, res.reason) for res in results if res.outcome == FAILED]
-    return Ack(entry_id, counts, failures)
+def _ack(entry_id: str, tally: Tally, *, done: int) -> Ack:
+    """``done``: what the entry adds to the run's progress."""
+    counts = {**tally.counts, "bytes": tally.bytes, "done": done}
+    return Ack(entry_id, counts, [(res.name, res.reason) for res in tally.failures])
 
 
 def _batch(entry: RawEntry) -> Entry:

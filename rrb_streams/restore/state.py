@@ -356,9 +356,10 @@ class RunState:
         return commands
 
     async def add_ranges(
-        self, ranges: Sequence[Range], *, mixed: bool, cursor: str, done: bool
+        self, ranges: Sequence[Range], *, mixed: bool, cursor: str, done: bool, listed: int = 0
     ) -> None:
-        """Add one entry per key range, with the plan's range cursor, atomically."""
+        """Add one entry per key range, with the plan's range cursor (and ``listed`` objects
+        more), atomically."""
         k = self.keys
         stream, meta = k.stream.encode(), k.meta.encode()
         commands: list[tuple[bytes, ...]] = []
@@ -373,6 +374,7 @@ class RunState:
         commands += [
             (b"HINCRBY", meta, b"planned", b"%d" % planned),
             (b"HINCRBY", meta, b"planned_bytes", b"%d" % planned_bytes),
+            (b"HINCRBY", meta, b"listed", b"%d" % listed),
             (b"HSET", meta, b"range_cursor", cursor.encode()),
         ]
         if done:

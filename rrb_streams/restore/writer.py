@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
@@ -70,6 +70,28 @@ class Result:
     bytes: int = 0  # payload bytes written
     name: str = ""
     reason: str = ""
+
+
+@dataclass
+class Tally:
+    """What became of many keys: a count per outcome, and the failures with their reasons."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    bytes: int = 0  # payload bytes written
+    failures: list[Result] = field(default_factory=list)
+
+    def add(self, result: Result) -> None:
+        self.counts[result.outcome] += 1
+        self.bytes += result.bytes
+        if result.outcome == FAILED:
+            self.failures.append(result)
+
+    @classmethod
+    def of(cls, results: Sequence[Result]) -> Tally:
+        tally = cls()
+        for r in results:
+            tally.add(r)
+        return tally
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,48 +168,79 @@ class Writer:
             results[i] = result
         return [r for r in results if r is not None]
 
-    async def apply_range(
-        self, rng: Range, *, mixed: bool = False
-    ) -> tuple[list[Result], list[Key]]:
-        """Restore the keys of one key range of the segment layout: one result per key, and
-        one failure per damaged block; and every key the range decided (for ``mixed``).
+    async def apply_range(self, rng: Range, *, mixed: bool = False) -> tuple[Tally, list[Key]]:
+        """Restore the keys of one key range of the segment layout; what became of them, and
+        every key the range decided (for ``mixed``).
 
         ``mixed``: the prefix holds the keys layout too, and each key's latest-state object
         there competes with its newest segment record, by read time on the source clock.
+
+        This is the restore's hot path: tens of thousands of keys per call. Commands are
+        packed in one go per db and a reply of OK costs a counter, not an object.
         """
-        read = await read_range(self._storage, rng, at_us=self._cfg.at_us)
-        results = [self._failed(f"{d.name}@{d.block}", d.reason) for d in read.damaged]
+        cfg = self._cfg
+        read = await read_range(self._storage, rng, at_us=cfg.at_us)
+        tally = Tally()
+        for d in read.damaged:
+            tally.add(self._failed(f"{d.name}@{d.block}", d.reason))
         for db, key in read.undecided:
-            results.append(
-                self._failed(
-                    f"db{db}:{show_key(key)}",
-                    f"key '{show_key(key)}' of db {db}: a damaged block may hold its newest "
-                    "record, so no older one is restored",
-                )
+            reason = (
+                f"key '{show_key(key)}' of db {db}: a damaged block may hold its newest "
+                "record, so no older one is restored"
             )
+            tally.add(self._failed(f"db{db}:{show_key(key)}", reason))
         winners = read.winners
-        seen = [*winners, *read.undecided]
+        seen = [*winners, *read.undecided] if mixed else []
         if mixed:
             await prefer_keys_layout(
                 self._storage,
-                self._cfg.path_prefix,
+                cfg.path_prefix,
                 winners,
-                at_us=self._cfg.at_us,
+                at_us=cfg.at_us,
                 on_damaged=lambda name, reason: self._log.warning(
                     "restore.object_skipped", object=name, reason=reason
                 ),
             )
-        writes: list[tuple[int, _Write]] = []
+        counts = tally.counts
+        own, match, only_db = self._own, self._match, cfg.db
+        everything = cfg.match == "*"
+        now_ms = self._now_ms()
+        tail = b"$7\r\nREPLACE\r\n" if cfg.if_exists == "replace" else b""
+        by_db: dict[int, tuple[list[bytes], list[tuple[KeyRecord, str]]]] = {}
         for rec, name in winners.values():
-            outcome = Result(ABSENT, name=name) if rec.tombstone else self._restore(rec, name)
-            if isinstance(outcome, _Write):
-                writes.append((len(results), outcome))
-                results.append(Result(FAILED))  # replaced below
-            else:
-                results.append(outcome)
-        for i, result in await self._write(writes):
-            results[i] = result
-        return results, seen
+            if rec.tombstone:
+                counts[ABSENT] += 1
+                continue
+            key, payload, expire = rec.key, rec.payload, rec.expire_at_ms
+            if (
+                key.startswith(own)
+                or (only_db is not None and rec.db != only_db)
+                or (not everything and not match(key))
+            ):
+                counts[FILTERED] += 1
+                continue
+            if expire is not None and expire <= now_ms:
+                counts[EXPIRED] += 1
+                continue
+            if rdb_version(payload) > self._target_rdb:
+                tally.add(self._too_new(rec, name))
+                continue
+            db = rec.db if cfg.into_db is None else cfg.into_db
+            packed, meta = by_db.setdefault(db, ([], []))
+            packed.append(_packed_restore(key, expire, payload, tail))
+            meta.append((rec, name))
+        for db, (packed, meta) in by_db.items():
+            replies = await resp.pipeline_packed(self.client(db), b"".join(packed), len(packed))
+            for reply, (rec, name) in zip(replies, meta, strict=True):
+                if isinstance(reply, ResponseError):
+                    if _unavailable(reply):
+                        raise reply  # the target cannot take writes now: retry the range
+                    command = (b"RESTORE", rec.key)
+                    tally.add(self._judge(_Write(db, command, name, rec.key, 0), reply))
+                else:
+                    counts[RESTORED] += 1
+                    tally.bytes += len(rec.payload)
+        return tally, seen
 
     # -- one item ---------------------------------------------------------------------------
 
@@ -221,14 +274,8 @@ class Writer:
             return Result(FILTERED, name=chosen_name)
         if rec.expire_at_ms is not None and rec.expire_at_ms <= self._now_ms():
             return Result(EXPIRED, name=chosen_name)
-        version = rdb_version(rec.payload)
-        if version > self._target_rdb:
-            reason = (
-                f"key '{show_key(rec.key)}' was dumped by Redis {rec.redis_version} "
-                f"(RDB {version}); the target reads RDB {self._target_rdb} at most"
-            )
-            self._log.warning("restore.newer_rdb", object=chosen_name, reason=reason)
-            return self._failed(chosen_name, reason)
+        if rdb_version(rec.payload) > self._target_rdb:
+            return self._too_new(rec, chosen_name)
         command: tuple[bytes, ...] = (
             b"RESTORE",
             rec.key,
@@ -241,6 +288,15 @@ class Writer:
             command += (b"REPLACE",)
         db = rec.db if cfg.into_db is None else cfg.into_db
         return _Write(db, command, chosen_name, rec.key, len(rec.payload))
+
+    def _too_new(self, rec: KeyRecord, name: str) -> Result:
+        version = rdb_version(rec.payload)
+        reason = (
+            f"key '{show_key(rec.key)}' was dumped by Redis {rec.redis_version} "
+            f"(RDB {version}); the target reads RDB {self._target_rdb} at most"
+        )
+        self._log.warning("restore.newer_rdb", object=name, reason=reason)
+        return self._failed(name, reason)
 
     def _prepare_legacy(self, name: str, data: bytes | ObjectNotFound) -> _Write | Result:
         try:
@@ -334,6 +390,30 @@ def error_text(exc: ResponseError) -> str:
     """The reply as Redis sent it: redis-py strips the code of the errors it knows."""
     code = getattr(exc, "status_code", None)
     return f"{code} {exc}" if code else str(exc)
+
+
+def _packed_restore(key: bytes, expire: int | None, payload: bytes, tail: bytes) -> bytes:
+    """``RESTORE key ttl payload [ABSTTL] [REPLACE]`` in the Redis protocol, in one format."""
+    if expire is None:
+        return b"*%d\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$1\r\n0\r\n$%d\r\n%s\r\n%s" % (
+            5 if tail else 4,
+            len(key),
+            key,
+            len(payload),
+            payload,
+            tail,
+        )
+    ttl = b"%d" % expire
+    return b"*%d\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$6\r\nABSTTL\r\n%s" % (
+        6 if tail else 5,
+        len(key),
+        key,
+        len(ttl),
+        ttl,
+        len(payload),
+        payload,
+        tail,
+    )
 
 
 def _reason(exc: Exception, name: str) -> str:

@@ -236,8 +236,9 @@ class Verifier:
         try:
             for rng in ranges:
                 read = await read_range(self.storage, rng)
+                # A damaged block is not a difference of its own: each key it leaves undecided
+                # counts (stale), and a key only it held shows as missing in the source pass.
                 for d in read.damaged:
-                    self._count("stale", f"{d.name}@{d.block}")
                     self._log.warning("verify.corrupt_object", object=d.name, reason=d.reason)
                 for db, key in read.undecided:
                     self._corrupt_seen(db, key_hash(key), _Stored(None, None, "damaged block"))
@@ -523,10 +524,9 @@ class Verifier:
             if item.group == folder:
                 kept = _newest(item.names, await self.storage.get_many(item.names))
                 break
-        seg = await self._segments.lookup([(db, key)])
-        if seg.damaged or seg.undecided:
-            return _Stored(None, seg.damaged[0].name, corrupt=seg.damaged[0].reason)
-        found = seg.winners.get((db, key))
+        # A key a damaged block leaves undecided has no winner: it looks absent here, as it
+        # did to the pass that made it a candidate (the storage pass counts undecided keys).
+        found = (await self._segments.lookup([(db, key)])).winners.get((db, key))
         if found is None:
             return kept
         rec, name = found

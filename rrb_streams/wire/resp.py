@@ -43,6 +43,16 @@ async def pipeline(r: Redis, commands: Sequence[Command]) -> list[Any]:
     return await _on_connection(r, run)
 
 
+async def pipeline_packed(r: Redis, packed: bytes, count: int) -> list[Any]:
+    """:func:`pipeline` of ``count`` commands the caller packed already (see :func:`pack`)."""
+
+    async def run(conn: AbstractConnection) -> list[Any]:
+        await conn.send_packed_command(packed)
+        return await _replies(conn, count)
+
+    return await _on_connection(r, run)
+
+
 async def transaction(r: Redis, commands: Sequence[Command]) -> list[Any]:
     """Run ``commands`` in one MULTI/EXEC on a connection of ``r``; EXEC's raw replies, with
     a ``ResponseError`` in place of each command that failed.

@@ -123,6 +123,7 @@ async def rig(
     user, say) and whose stream Redis is ``stream`` (``server`` by default). Its storage
     wraps ``memory`` (a new one by default), so two rigs may share what they store."""
     settings: dict[str, Any] = {
+        "layout": "keys",  # the processor writes one object per key without a segment sink
         "consumer": CONSUMER,
         "concurrency": 2,
         "linger": 0.01,

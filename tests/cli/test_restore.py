@@ -210,8 +210,9 @@ def test_cli_at_on_a_backup_without_versions_exits_2_saying_why(
     assert result.returncode == 2
     line = one_line(result.stderr)
     assert line == (
-        f"rrb-restore: error: --at needs a backup made with --versioning, and file://{folder} "
-        "holds no versions: without versions only the latest state can be restored (drop --at)"
+        "rrb-restore: error: --at needs segments or a keys-layout backup made with "
+        f"--versioning, and file://{folder} holds neither: only the latest state can be "
+        "restored (drop --at)"
     )
     assert result.stdout == ""
     with target.client() as t:

@@ -69,7 +69,9 @@ def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
                 plain.set(f"k:{i}", i)
             plain.hset("h", mapping={"f": "v"})
             plain.delete("k:0")
-            wait_for(lambda: _objects(moto_endpoint, s3_bucket) >= 20, timeout=20)
+            # Segments: a few objects hold every change; then every entry is acknowledged.
+            wait_for(lambda: _objects(moto_endpoint, s3_bucket) >= 1, timeout=20)
+            wait_for(lambda: plain.xpending("rrb:changes", "rrb-upload")["pending"] == 0)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

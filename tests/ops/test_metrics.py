@@ -261,7 +261,11 @@ async def test_uploader_counts_entries_writes_bytes_retries_and_lag(
     redis_server: RedisServer,
 ) -> None:
     cfg = UploadConfig(
-        source_url=redis_server.url(), consumer="m1", linger=0.01, max_backoff=0.05
+        source_url=redis_server.url(),
+        layout="keys",  # one object per key: puts and objects compare one to one
+        consumer="m1",
+        linger=0.01,
+        max_backoff=0.05,
     ).validate()
     storage = FaultyStorage(MemoryStorage())
     storage.fail_next(1, "put")
@@ -303,7 +307,12 @@ async def test_uploader_counts_rejected_objects_and_dead_letters(
     redis_server: RedisServer,
 ) -> None:
     cfg = UploadConfig(
-        source_url=redis_server.url(), consumer="m1", linger=0.01, max_backoff=0.05, max_attempts=2
+        source_url=redis_server.url(),
+        layout="keys",
+        consumer="m1",
+        linger=0.01,
+        max_backoff=0.05,
+        max_attempts=2,
     ).validate()
     storage = FaultyStorage(MemoryStorage())
     bad = latest_name("", 0, b"poison")
@@ -413,7 +422,14 @@ def test_rrb_metrics_move_with_writes_and_readiness_follows_the_stream_redis(
     assert after["rrb_bridge_leader"] == 1  # the only bridge leads
     assert after["rrb_upload_entries_total"] >= 50
     assert after["rrb_upload_bytes_total"] > 50 * 1000
-    assert after['rrb_storage_call_seconds_count{op="put"}'] == 50
+    # The default layout: a few segments hold the 50 records, one PUT each.
+    segments = after["rrb_upload_segments_total"]
+    assert 1 <= segments <= 10
+    assert after['rrb_storage_call_seconds_count{op="put"}'] == segments
+    assert after["rrb_upload_segment_records_total"] == 50
+    assert after["rrb_upload_records_per_segment_count"] == segments
+    assert after["rrb_upload_segment_raw_bytes_total"] > 50 * 1000
+    assert 0 < after["rrb_upload_segment_stored_bytes_total"]
     assert after['rrb_storage_call_seconds_count{op="flush"}'] >= 1
     assert after["rrb_upload_lag_seconds_count"] == 50
     assert started <= after["rrb_upload_last_write_timestamp_seconds"] <= time.time()

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from rrb_streams.config import UploadConfig
-from rrb_streams.format import codec
+from rrb_streams.format import codec, segment
 from rrb_streams.format.layout import latest_name
 from rrb_streams.storage.memory import MemoryStorage
 from rrb_streams.wire.entries import entry_fields
@@ -23,6 +23,7 @@ STREAM, DEAD, GROUP = OWN.stream, OWN.dead, DEFAULT_GROUP
 def config(server: RedisServer, **overrides: Any) -> UploadConfig:
     """A validated uploader config for ``server`` with short waits; ``overrides`` win."""
     settings: dict[str, Any] = {
+        "layout": "keys",  # most uploader tests count objects; segment tests say so
         "consumer": "u1",
         "concurrency": 2,
         "linger": 0.01,
@@ -55,6 +56,26 @@ def pending(c: redis.Redis) -> int:
 
 
 def latest(storage: MemoryStorage, key: bytes, db: int = 0) -> codec.KeyRecord | None:
-    """The record stored as ``key``'s latest-state object, if any."""
+    """``key``'s newest stored state, whatever the layout: its latest-state object, or its
+    segment record of the highest stamp when that is not a tombstone."""
     data = storage.objects.get(latest_name("", db, key))
-    return None if data is None else codec.decode(data)
+    if data is not None:
+        return codec.decode(data)
+    best: codec.KeyRecord | None = None
+    for rec in segment_records(storage):
+        if (rec.db, rec.key) == (db, key) and (best is None or segment.newer(rec, best)):
+            best = rec
+    return None if best is None or best.tombstone else best
+
+
+def segment_records(storage: MemoryStorage) -> list[codec.KeyRecord]:
+    """Every record of every segment in ``storage``, in name order, then key order."""
+    out: list[codec.KeyRecord] = []
+    for name in sorted(storage.objects):
+        if segment.parse_segment_name(name) is None:
+            continue
+        _, blocks = segment.decode_segment(storage.objects[name], name)
+        for records in blocks:
+            assert not isinstance(records, Exception), records
+            out += records
+    return out

@@ -43,16 +43,22 @@ def populate(c: redis.Redis) -> None:
     c.set(b"bin:\x00\xff", b"\x00" * 10, px=900_000)
 
 
-async def backed_up(
-    server: RedisServer, storage: Storage, *, versioning: bool = False
-) -> list[bytes]:
-    """``populate`` the source and back it up with the real pipeline; the user keys."""
+async def backed_up(server: RedisServer, storage: Storage, *, kind: str = "keys") -> list[bytes]:
+    """``populate`` the source and back it up with the real pipeline; the user keys.
+
+    ``kind``: ``keys``, ``versions`` (the keys layout with --versioning) or ``segments``."""
     with server.client() as c:
         populate(c)
         keys = sorted(k for k in c.scan_iter() if not k.startswith(b"rrb:"))
-    async with running_pipeline(server.url(), storage, upload={"versioning": versioning}):
+    upload = {"layout": "segments" if kind == "segments" else "keys"}
+    async with running_pipeline(
+        server.url(), storage, upload={**upload, "versioning": kind == "versions"}
+    ):
         await wait_drained(server.url())
     return keys
+
+
+KINDS = pytest.mark.parametrize("kind", ["keys", "versions", "segments"])
 
 
 async def verify(server: RedisServer, storage: Storage, **options: Any) -> Summary:
@@ -71,26 +77,27 @@ def counts(s: Summary) -> tuple[int, int, int]:
 
 def uploader_only(url: str, storage: Storage, **options: Any) -> AbstractAsyncContextManager[None]:
     """One uploader and no bridge: only what is in the stream gets written."""
+    options = {"layout": "keys", **options}
     worker = Uploader(UploadConfig(source_url=url, linger=0.02, consumer="fix", **options), storage)
     return running(worker, within=60)
 
 
-@pytest.mark.parametrize("versioning", [False, True], ids=["latest", "versions"])
+@KINDS
 async def test_verify_clean_backup_reports_no_difference(
-    redis_server: RedisServer, storage: Storage, versioning: bool
+    redis_server: RedisServer, storage: Storage, kind: str
 ) -> None:
-    keys = await backed_up(redis_server, storage, versioning=versioning)
+    keys = await backed_up(redis_server, storage, kind=kind)
     s = await verify(redis_server, storage)
     assert (s.checked, *counts(s)) == (len(keys), 0, 0, 0)
     assert s.examples == {"missing": [], "stale": [], "extra": []}
     assert s.changing == 0 and s.queued == 0
 
 
-@pytest.mark.parametrize("versioning", [False, True], ids=["latest", "versions"])
+@KINDS
 async def test_verify_names_missing_stale_and_extra_keys(
-    redis_server: RedisServer, storage: Storage, versioning: bool
+    redis_server: RedisServer, storage: Storage, kind: str
 ) -> None:
-    keys = await backed_up(redis_server, storage, versioning=versioning)
+    keys = await backed_up(redis_server, storage, kind=kind)
     with redis_server.client() as c:  # the pipeline is stopped: nobody sees these
         c.set(b"s:new", b"never backed up")
         c.set(b"s:01", b"changed value")
@@ -173,6 +180,45 @@ async def test_verify_repair_queues_entries_that_the_uploaders_apply(
     again = await verify(redis_server, storage)
     assert counts(again) == (0, 0, 0), again.examples
     assert await storage.get(layout.latest_name("", 0, b"s:00"))
+
+
+async def test_verify_repair_of_segments_writes_the_keys_again(
+    redis_server: RedisServer, storage: Storage
+) -> None:
+    await backed_up(redis_server, storage, kind="segments")
+    with redis_server.client() as c:
+        c.set(b"s:new", b"missed by the bridge")
+        c.delete(b"s:04")
+        c.rpush(b"l:one", b"later")
+    s = await verify(redis_server, storage, repair=True)
+    assert counts(s) == (1, 1, 1)
+    assert s.queued == 3
+    async with uploader_only(redis_server.url(), storage, layout="segments"):
+        await wait_drained(redis_server.url())
+    again = await verify(redis_server, storage)
+    assert counts(again) == (0, 0, 0), again.examples
+    assert not [n async for n in storage.list("db")], "the keys layout was written"
+
+
+async def test_verify_a_damaged_block_leaves_its_keys_stale_until_repaired(
+    redis_server: RedisServer, storage: Storage
+) -> None:
+    keys = await backed_up(redis_server, storage, kind="segments")
+    (seg,) = [o async for o in storage.list("segments/")]
+    data = bytearray(await storage.get(seg.name))
+    data[40] ^= 0xFF  # inside the first (only) block
+    await storage.put(seg.name, bytes(data))
+    await storage.flush()
+    with capture_logs() as logs:
+        s = await verify(redis_server, storage, repair=True)
+    # The block held every key: none is decided by another record, so each is missing.
+    assert counts(s) == (len(keys), 0, 0)
+    assert s.queued == len(keys)
+    assert [e["object"] for e in logs if e["event"] == "verify.corrupt_object"] == [seg.name]
+    async with uploader_only(redis_server.url(), storage, layout="segments"):
+        await wait_drained(redis_server.url())
+    # The new records are newer than anything the damaged block held: decided again.
+    assert counts(await verify(redis_server, storage)) == (0, 0, 0)
 
 
 async def test_verify_repair_writes_only_the_change_stream(
