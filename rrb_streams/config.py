@@ -215,7 +215,7 @@ class RestoreConfig(_OwnKeys, _Masked):
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
     batch_size: int = 200  # objects per restore-stream entry: a writer's unit of work
-    range_bytes: int = 1 << 20  # segment layout: record bytes per key range (a unit of work)
+    range_bytes: int = 4 << 20  # segment layout: record bytes per key range (a unit of work)
     retry_timeout: float = 60.0  # seconds of continuous failure before giving up
     max_backlog: int = 100_000  # planned-but-unwritten objects the restore stream may hold
     claim_idle: float = 15.0  # seconds before another writer's unacknowledged entry is taken

@@ -50,7 +50,7 @@ from rrb_streams.storage.base import ObjectInfo, Storage
 
 Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 
-DEFAULT_BUDGET = 1 << 20  # bytes of records a range decodes, about: some 10,000 small ones
+DEFAULT_BUDGET = 4 << 20  # bytes of records a range decodes, about: some 50,000 small ones
 _FOOTER_READERS = 8  # segments whose index is fetched at once
 _BLOCK_READERS = 4  # blocks of one range fetched at once
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop

@@ -202,7 +202,9 @@ class Writer:
                 ),
             )
         counts = tally.counts
-        own, match, only_db = self._own, self._match, cfg.db
+        own, match, only_db, into = self._own, self._match, cfg.db, cfg.into_db
+        # One Redis version writes one RDB version: check each version once, not each key.
+        readable: dict[str, bool] = {}
         everything = cfg.match == "*"
         now_ms = self._now_ms()
         tail = b"$7\r\nREPLACE\r\n" if cfg.if_exists == "replace" else b""
@@ -222,10 +224,13 @@ class Writer:
             if expire is not None and expire <= now_ms:
                 counts[EXPIRED] += 1
                 continue
-            if rdb_version(payload) > self._target_rdb:
+            fits = readable.get(rec.redis_version)
+            if fits is None:
+                fits = readable[rec.redis_version] = rdb_version(payload) <= self._target_rdb
+            if not fits:
                 tally.add(self._too_new(rec, name))
                 continue
-            db = rec.db if cfg.into_db is None else cfg.into_db
+            db = rec.db if into is None else into
             packed, meta = by_db.setdefault(db, ([], []))
             packed.append(_packed_restore(key, expire, payload, tail))
             meta.append((rec, name))

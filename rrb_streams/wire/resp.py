@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -77,6 +78,38 @@ async def transaction(r: Redis, commands: Sequence[Command]) -> list[Any]:
     return await _on_connection(r, run)
 
 
+try:  # redis-py's sentinel for "hiredis needs more bytes": its reader was made with it
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - a redis-py whose internals moved
+    NOT_ENOUGH_DATA = None
+
+
+def _hiredis_reader(conn: AbstractConnection) -> Any:
+    """The connection's hiredis reader, or ``None`` (redis-py's own parser, or a redis-py
+    whose internals moved: then every reply goes through ``read_response``)."""
+    if NOT_ENOUGH_DATA is None:
+        return None
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    return reader if callable(getattr(reader, "gets", None)) else None
+
+
+def _take_buffered(reader: Any, out: list[Any], count: int) -> None:
+    """Move the replies hiredis has parsed already into ``out``, up to ``count`` in all.
+
+    A restore reads tens of thousands of ``OK`` replies per batch; through ``read_response``
+    each costs a timeout context and a trip through the event loop, here a C call. Errors
+    come back as exception values, as ``read_response`` gives them; a connection error
+    (``LOADING``) is raised, as it would raise it.
+    """
+    while len(out) < count:
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            return
+        if isinstance(reply, RedisConnectionError):
+            raise reply
+        out.append(reply)
+
+
 async def _on_connection(r: Redis, run: Any) -> list[Any]:
     pool = r.connection_pool
     conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -94,15 +127,18 @@ async def _replies(conn: AbstractConnection, count: int) -> list[Any]:
     """The next ``count`` replies, error replies as ``ResponseError`` values."""
     limit = conn.socket_timeout
     out: list[Any] = []
+    buffered = _hiredis_reader(conn)
     try:
         with anyio.fail_after(limit if limit is not None else math.inf):
-            for _ in range(count):
+            while len(out) < count:
                 try:
                     # Cut off by the deadline, a read disconnects: nothing half-read stays on
                     # the connection.
                     out.append(await conn.read_response(timeout=math.inf))
                 except ResponseError as exc:
                     out.append(exc)
+                if buffered is not None:
+                    _take_buffered(buffered, out, count)
     except TimeoutError as exc:
         raise RedisTimeoutError(f"Redis sent no reply within {limit} s") from exc
     return out

@@ -18,6 +18,7 @@ from rrb_streams.format.ranges import FooterStats, read_footers
 from rrb_streams.restore.report import exit_status
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.url import StorageSpec
+from rrb_streams.wire.source import Source
 from tests.support.dataset import snapshot
 from tests.support.pipeline import running_pipeline, wait_drained
 from tests.support.restoring import (
@@ -229,3 +230,48 @@ async def test_at_between_every_pair_of_changes_of_a_key(
     assert len(seen) >= 6  # the moments really told different states apart
     segments = [i async for i in storage.list(segment.segments_prefix(""))]
     assert segments, "the default layout wrote no segments"
+
+
+def dumps(c: redis.Redis, keys: list[bytes]) -> list[tuple[object, object]]:
+    """Each key's DUMP and absolute expiry, pipelined."""
+    pipe = c.pipeline(transaction=False)
+    for k in keys:
+        pipe.dump(k)
+        pipe.execute_command("PEXPIRETIME", k)
+    out = pipe.execute()
+    return list(zip(out[::2], out[1::2], strict=True))
+
+
+@pytest.mark.anyio
+async def test_a_restore_of_many_keys_per_range_is_exact(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    """Tens of thousands of RESTORE replies per range arrive over many socket reads."""
+    source, target = redis_factory(), redis_factory()
+    keys = [b"key:%06d" % i for i in range(30_000)]
+    with source.client() as c:
+        pipe = c.pipeline(transaction=False)
+        for i, key in enumerate(keys):
+            pipe.set(key, b"v%d" % i, px=None if i % 7 else 3_600_000)
+        pipe.execute()
+        expected = dumps(c, keys)
+    src = Source(source.url())
+    await src.check()
+    records: list[KeyRecord] = []
+    try:
+        for i in range(0, len(keys), 2000):
+            chunk = keys[i : i + 2000]
+            got = await src.read(0, chunk, [""] * len(chunk))
+            records += [replace(r, stamp=5) for r in got if isinstance(r, KeyRecord)]
+    finally:
+        await src.close()
+    random.seed(3)
+    random.shuffle(records)
+    for i in range(0, len(records), 10_000):
+        await put_segment(storage, records[i : i + 10_000])
+    report = await restore(restore_config(target.url(), spec), storage, within=120)
+    assert report.totals is not None
+    assert report.totals["restored"] == len(keys) and report.totals["failed"] == 0
+    with target.client() as t:
+        assert t.dbsize() == len(keys)
+        assert dumps(t, keys) == expected

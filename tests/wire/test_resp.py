@@ -64,3 +64,20 @@ async def test_resp_without_replies_times_out_and_the_client_recovers(
     assert anyio.current_time() - started < 0.9
     await anyio.sleep(1.0)
     assert await run(r, [(b"GET", b"k"), (b"TYPE", b"k")]) == [b"v", b"string"]
+
+
+async def test_resp_many_replies_over_many_reads_stay_in_step(r: Redis) -> None:
+    """Tens of thousands of replies arrive over many socket reads: each is taken once, in
+    order, errors in place, and the connection is in step for the next command."""
+    n = 30_000
+    commands = [(b"INCR", b"n") if i % 1000 else (b"LPUSH", b"s", b"x") for i in range(n)]
+    await r.set("s", "v")
+    for _ in range(2):  # the second time on the same connection, after the first
+        replies = await pipeline(r, commands)
+        assert len(replies) == n
+        errors = [i for i, x in enumerate(replies) if isinstance(x, ResponseError)]
+        assert errors == list(range(0, n, 1000))
+        counts = [x for x in replies if not isinstance(x, ResponseError)]
+        assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert await r.get("n") == str(2 * (n - n // 1000)).encode()
+    assert await pipeline(r, [(b"GET", b"s")]) == [b"v"]
