@@ -695,11 +695,23 @@ def pipe_once(work: Path, name: str, n: int, pipe_file: Path) -> float:
         target.kill()
 
 
-def restore_fs_runs(work: Path, n: int, runs: int) -> list[dict[str, Any]]:
-    folder = work / "store"
-    pipe_file = work / "restore.resp"
-    made = make_segments(work, n, folder, pipe_file)
-    print(f"  restore_fs dataset: {json.dumps(made)}", flush=True)
+_DATASETS: dict[int, tuple[Path, Path, dict[str, Any]]] = {}
+
+
+def restore_dataset(shared: Path, n: int) -> tuple[Path, Path, dict[str, Any]]:
+    """(folder of segments, RESTORE commands for redis-cli, its description) of ``n`` keys,
+    made once in ``shared`` for every figure that restores them."""
+    if n not in _DATASETS:
+        work = shared / f"dataset-{n}"
+        work.mkdir()
+        made = make_segments(work, n, work / "store", work / "restore.resp")
+        print(f"  dataset of {n:,} keys: {json.dumps(made)}", flush=True)
+        _DATASETS[n] = (work / "store", work / "restore.resp", made)
+    return _DATASETS[n]
+
+
+def restore_fs_runs(work: Path, shared: Path, n: int, runs: int) -> list[dict[str, Any]]:
+    folder, pipe_file, made = restore_dataset(shared, n)
     out = []
     for i in range(runs):
         pipe_s = pipe_once(work, f"pipe{i}", n, pipe_file)
@@ -720,11 +732,8 @@ def restore_fs_runs(work: Path, n: int, runs: int) -> list[dict[str, Any]]:
     return out
 
 
-def restore_s3_runs(work: Path, n: int, runs: int) -> list[dict[str, Any]]:
-    folder = work / "store"
-    pipe_file = work / "restore.resp"
-    made = make_segments(work, n, folder, pipe_file)
-    print(f"  restore_s3 dataset: {json.dumps(made)}", flush=True)
+def restore_s3_runs(work: Path, shared: Path, n: int, runs: int) -> list[dict[str, Any]]:
+    folder, pipe_file, _ = restore_dataset(shared, n)
     moto, endpoint = start_moto(work)
     out = []
     try:
@@ -1033,15 +1042,16 @@ def main() -> None:
                 p.error(f"unknown figure {name!r}")
     runs = args.runs
     mem_runs = args.memory_runs or runs
+    shared = Path(tempfile.mkdtemp(prefix="rrb-bench-seg-data-"))  # datasets used twice
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "puts": lambda: repeated("puts", runs, lambda w: bench_puts(w, args.seconds)),
         "lag": lambda: repeated("lag", runs, lambda w: bench_lag(w, args.seconds)),
         "bulk": lambda: repeated("bulk", runs, lambda w: bench_bulk(w, args.bulk_keys)),
         "restore_fs": lambda: in_workdir(
-            "restore-fs", lambda w: restore_fs_runs(w, args.restore_keys, runs)
+            "restore-fs", lambda w: restore_fs_runs(w, shared, args.restore_keys, runs)
         ),
         "restore_s3": lambda: in_workdir(
-            "restore-s3", lambda w: restore_s3_runs(w, args.restore_keys, runs)
+            "restore-s3", lambda w: restore_s3_runs(w, shared, args.restore_keys, runs)
         ),
         "memory_upload": lambda: repeated(
             "memory_upload", mem_runs, lambda w: bench_memory_upload(w, args.seconds)
@@ -1050,6 +1060,19 @@ def main() -> None:
             "memory-restore", lambda w: memory_restore_runs(w, args.memory_keys, mem_runs)
         ),
     }
+    try:
+        run_all(args, only, benches, runs, mem_runs)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def run_all(
+    args: argparse.Namespace,
+    only: list[str],
+    benches: dict[str, Callable[[], list[dict[str, Any]]]],
+    runs: int,
+    mem_runs: int,
+) -> None:
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "figures": {}}
     rows: list[dict[str, Any]] = []
     for name in dict.fromkeys(only):

@@ -250,7 +250,13 @@ class Uploader:
                 if remaining <= 0:
                     break
                 await anyio.sleep(min(remaining, cfg.linger / 4))
-                got += await reader.read(cfg.batch_size - len(got), None)
+                try:
+                    got += await reader.read(cfg.batch_size - len(got), None)
+                except TRANSIENT as exc:
+                    # The entries already read are in hand, so nobody else claims them while
+                    # we live: process them now; the next read meets the error again.
+                    self._log.warning("upload.top_up_failed", error=f"{type(exc).__name__}: {exc}")
+                    break
         return got
 
     async def _sweep(self, reader: GroupReader, send: MemoryObjectSendStream[Batch]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -634,3 +635,34 @@ async def test_upload_storage_call_that_hangs_is_given_up_and_retried(
     retry = next(e for e in logs if e["event"] == "upload.retry")
     assert "StorageUnavailable" in retry["error"] and "took over 0.4 s" in retry["error"]
     assert latest(inner, b"k") is not None
+
+
+@pytest.mark.anyio
+async def test_upload_a_failed_top_up_read_keeps_the_entries_already_read(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails while a short batch lingers (the stream's Redis restarting) must not
+    drop the entries read before it: they are in hand, so no other consumer would take them."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from rrb_streams.backup import upload
+    from rrb_streams.wire.group import GroupReader
+
+    class FailingTopUp(GroupReader):
+        failed = False
+
+        async def read(self, count: int, block_ms: int | None) -> list[tuple[str, Any]]:
+            if block_ms is None and not FailingTopUp.failed:  # the linger's top-up read
+                FailingTopUp.failed = True
+                raise RedisConnectionError("the stream's Redis restarted")
+            return await super().read(count, block_ms)
+
+    monkeypatch.setattr(upload, "GroupReader", FailingTopUp)
+    storage = MemoryStorage()
+    u = Uploader(config(redis_server, linger=0.2, batch_size=50), storage)
+    with redis_server.client() as c:
+        c.set("k", "v")
+        async with running(u):
+            note(c, "k")
+            await until(lambda: FailingTopUp.failed and drained(c), within=10)
+    assert FailingTopUp.failed and latest(storage, b"k") is not None

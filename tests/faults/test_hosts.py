@@ -10,9 +10,10 @@ Three hosts built from network namespaces (:mod:`tests.support.netns`) on one br
 
 The writer and every check run in the root namespace, over the bridge. Host ``a`` is cut off
 mid-load: ``b`` claims what was pending on ``a`` and drains the backlog while ``a`` is still cut
-off, and the backup then equals the source. ``a`` is reconnected: its stale in-flight work must
-not overwrite newer objects, and it takes work again. Once the writer stops and the pipeline
-drains, the backup equals the source, with no dead letter and one intact object per key.
+off, and the backup then equals the source. ``a`` is reconnected: its stale in-flight segments
+must not hide newer records (readers take the highest stamp), and it takes work again. Once the
+writer stops and the pipeline drains, the backup equals the source, with no dead letter and
+every segment intact.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import anyio
 import pytest
 import redis
 
-from rrb_streams.format import layout
+from rrb_streams.format import segment
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.keys import OwnKeys
 from tests.support import netns
-from tests.support.dataset import stored_records
+from tests.support.dataset import latest_records
 from tests.support.load import Writer, assert_backup_equals_source
 from tests.support.netns import Hosts
 from tests.support.pipeline import wait_drained
@@ -195,20 +196,23 @@ def file_names(folder: Path) -> list[str]:
 
 
 async def check_objects(folder: Path, keys: int) -> int:
-    """Every object decodes, one latest object per key, no temporary file left behind."""
+    """Every object is a whole segment that decodes, no temporary file is left behind, and
+    the newest records stand for exactly ``keys`` live keys."""
     names = file_names(folder)
-    leftovers = [n for n in names if not n.endswith(layout.BACKUP_SUFFIX)]
-    assert not leftovers, f"files that are not objects: {leftovers[:5]}"
-    parsed = [layout.parse_name(n) for n in names]
-    assert all(p is not None and not p.versioned for p in parsed), names[:5]
+    parsed = [segment.parse_segment_name(n) for n in names]
+    strays = [n for n, p in zip(names, parsed, strict=True) if p is None]
+    assert not strays, f"files that are not segments: {strays[:5]}"
     storage = FsStorage(folder)
     try:
-        records = await stored_records(storage)  # raises CorruptObject on any damage
+        for name in names:
+            _, blocks = segment.decode_segment(await storage.get(name), name)
+            damaged = [b for b in blocks if isinstance(b, Exception)]
+            assert not damaged, damaged[:1]
+        live = await latest_records(storage)
     finally:
         await storage.close()
-    assert len({(r.db, r.key) for r in records}) == len(records)
-    assert len(records) == keys, f"{len(records)} objects for {keys} keys"
-    return len(records)
+    assert len(live) == keys, f"{len(live)} live keys stored for {keys} keys"
+    return len(live)
 
 
 @pytest.mark.anyio

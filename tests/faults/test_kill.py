@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from tests.support.load import Writer, assert_backup_equals_source
-from tests.support.pipeline import wait_drained
+from tests.support.pipeline import drained, wait_drained
 from tests.support.proc import Command
 from tests.support.servers import RedisServer
 from tests.support.wait import wait_for
@@ -100,7 +100,7 @@ def test_rrb_exits_0_on_sigterm_after_finishing_its_work(
         wait_for(lambda: c.exists("rrb:changes") == 1)
         for i in range(100):
             c.set(f"k{i}", i)
-        wait_for(lambda: len(list(folder.rglob("*.backup"))) == 100)
+        wait_for(lambda: drained(c) and any(folder.rglob("*.seg")))
     started = time.monotonic()
     assert rrb.terminate() == 0, rrb.output()
     assert time.monotonic() - started < 12
