@@ -12,9 +12,12 @@
    b. settles without a read every key whose done marker covers its newest entry;
    c. reads the other keys from the source, one transaction per db, and settles without a
       write every key whose state has the digest the index holds: storage has it already;
-   d. marks the keys about to be written as unknown in the index (one ``HSET`` per db), writes
-      their objects with up to ``concurrency`` writers taking turns at the round's list, each
-      storage call bounded by the process-wide limiter, then calls ``storage.flush()``;
+   d. marks the keys about to be written as unknown in the index (one ``HSET`` per db), then
+      with the segments layout hands their records, stamped with their leases' ordering
+      stamps, to the process's :class:`~rrb_streams.backup.segments.SegmentSink` and waits
+      until their segment is durable; with the keys layout writes their objects with up to
+      ``concurrency`` writers taking turns at the round's list, each storage call bounded by
+      the process-wide limiter, then calls ``storage.flush()``;
    e. releases the leases, advancing the done markers and storing the new digests (or
       removing the fields of absent keys), again one script call per chunk of keys; a key
       whose lease was lost meanwhile is redone in a later round, and a redo always writes.

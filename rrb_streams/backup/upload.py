@@ -5,11 +5,14 @@ An uploader process runs:
 - one **reader** task: ``XREADGROUP`` (``COUNT batch_size``, ``BLOCK`` up to 1 s); a short
   batch lingers up to ``linger`` seconds to fill, so a hot key's changes arrive together. Every
   ``claim_idle / 2`` it also ``XAUTOCLAIM``s entries idle for ``claim_idle``: those of consumers
-  that died. Batches go through a memory object stream without a buffer to ``concurrency``
-  batch workers, so at most ``concurrency + 1`` batches are in memory;
-- ``concurrency`` **batch workers** (:mod:`rrb_streams.backup.batch`): leases, one source read
-  per db, storage writes (all workers share one limiter of ``concurrency`` storage calls),
-  ``flush()``, lease release, then ``XACK``. Nothing is acknowledged before storage confirmed it;
+  that died. Batches go through a memory object stream without a buffer to the batch workers
+  (``concurrency`` of them, four times as many with segments: :attr:`Uploader.batch_workers`),
+  so at most one batch more than there are workers is in memory;
+- the **batch workers** (:mod:`rrb_streams.backup.batch`): leases, one source read per db,
+  storage writes (with segments, through the process's one segment sink,
+  :mod:`rrb_streams.backup.segments`; with keys, all workers share one limiter of
+  ``concurrency`` storage calls), ``flush()``, lease release, then ``XACK``. Nothing is
+  acknowledged before storage confirmed it;
 - a **keep-alive** task that resets the idle time of every entry this process holds
   (``XCLAIM … JUSTID`` to itself), so while it waits out a storage outage, or a batch waits in
   the stream to the workers, live consumers do not claim its work;
@@ -20,9 +23,11 @@ Redis, and read only after the lease is taken, so a later holder always stores a
 holder whose lease ran out during its write (its write may have landed after a newer one) reads
 and writes the key again. Entries whose change a stored object already covers (the key's done
 marker) are acknowledged without a read or a write, and keys whose fresh read has the digest
-the stored-keys index holds (:mod:`rrb_streams.wire.index`) without a write. The residual case is
-a storage write that the server commits after the client gave up on it: nothing redoes it
-until the key changes again. :mod:`rrb_streams.backup.lease` has the full argument.
+the stored-keys index holds (:mod:`rrb_streams.wire.index`) without a write. With segments
+each record carries the ordering stamp of its lease and readers take the highest, so a late
+write never hides a newer one. The keys layout's residual case is a storage write that the
+server commits after the client gave up on it: nothing redoes it until the key changes again.
+:mod:`rrb_streams.backup.lease` has the full argument.
 
 :meth:`Uploader.stop` stops reading, lets the workers finish and acknowledge what they hold, and
 returns. A consumer left with nothing pending is then deleted from the group, so restarts under

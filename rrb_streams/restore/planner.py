@@ -230,6 +230,11 @@ class Preview:
 
     stats: PlanStats
     sample: list[str] = field(default_factory=list)
+    segments: int = 0  # segment objects whose index was read
+    damaged: int = 0  # segments whose index is damaged
+    records: int = 0  # records in the segments' blocks that the plan reads
+    ranges: int = 0  # key ranges the segments' records are planned in
+    range_bytes: int = 0  # bytes the ranges fetch
 
 
 async def preview(
@@ -243,6 +248,14 @@ async def preview(
     stats = PlanStats()
     out = Preview(stats)
     if not cfg.legacy:
+        footers = FooterStats()
+        blocks = await read_footers(storage, cfg.path_prefix, stats=footers)
+        ranges = plan_ranges(blocks, budget=cfg.range_bytes, at_us=cfg.at_us, db=cfg.db)
+        out.segments, out.damaged = footers.segments, len(footers.damaged)
+        out.records = sum(r.records for r in ranges)
+        out.ranges = len(ranges)
+        out.range_bytes = sum(r.size for r in ranges)
+        out.sample += sorted({b.name for b in blocks})[:sample]
         async for item in select(
             storage.list(list_prefix(cfg)),
             cfg.path_prefix,

@@ -117,6 +117,10 @@ def render_preview(preview: Preview, cfg: RestoreConfig, *, as_json: bool) -> st
         "keys": st.keys,
         "bytes": st.bytes,
         "absent": st.absent,
+        "segments": preview.segments,
+        "damaged_segments": preview.damaged,
+        "segment_records": preview.records,
+        "key_ranges": preview.ranges,
         "sample": preview.sample,
     }
     if as_json:
@@ -129,6 +133,12 @@ def render_preview(preview: Preview, cfg: RestoreConfig, *, as_json: bool) -> st
         f"  keys to restore: {st.keys:,} ({_size(st.bytes)})"
         + ("; --match applies as objects are read" if cfg.match != "*" else ""),
     ]
+    if preview.segments or preview.damaged:
+        lines.append(
+            f"  segments: {preview.segments:,}, {preview.records:,} records to read in "
+            f"{preview.ranges:,} key ranges ({_size(preview.range_bytes)} to fetch)"
+            + (f"; {preview.damaged:,} with a damaged index" if preview.damaged else "")
+        )
     if st.absent:
         lines.append(f"  left out: {st.absent:,} keys deleted, or with nothing at or before --at")
     if preview.sample:

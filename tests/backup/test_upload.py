@@ -137,12 +137,19 @@ async def test_upload_versioning_keeps_one_version_per_change_and_a_tombstone(
     assert names[2].endswith(".tombstone")
 
 
+# With segments the three keys share one object; with keys, one object each.
+LAYOUTS = pytest.mark.parametrize(("layout", "objects"), [("keys", 3), ("segments", 1)])
+
+
 @pytest.mark.anyio
-async def test_upload_acks_only_after_the_put_returned(redis_server: RedisServer) -> None:
+@LAYOUTS
+async def test_upload_acks_only_after_the_put_returned(
+    redis_server: RedisServer, layout: str, objects: int
+) -> None:
     inner = MemoryStorage()
     storage = FaultyStorage(inner)
     storage.hang("put")
-    u = Uploader(config(redis_server, concurrency=1), storage)
+    u = Uploader(config(redis_server, concurrency=1, layout=layout), storage)
     with redis_server.client() as c:
         for k in ("a", "b", "c"):
             c.set(k, k)
@@ -154,7 +161,7 @@ async def test_upload_acks_only_after_the_put_returned(redis_server: RedisServer
             assert u.entries_acked == 0 and inner.objects == {}
             storage.release("put")
             await until(lambda: drained(c))
-    assert len(inner.objects) == 3 and u.entries_acked == 3
+    assert len(inner.objects) == objects and u.entries_acked == 3
 
 
 @pytest.mark.anyio
@@ -462,13 +469,14 @@ async def test_upload_trims_acked_entries_but_never_pending_ones(
 
 
 @pytest.mark.anyio
+@LAYOUTS
 async def test_upload_stop_finishes_in_flight_work_and_removes_the_idle_consumer(
-    redis_server: RedisServer,
+    redis_server: RedisServer, layout: str, objects: int
 ) -> None:
     inner = MemoryStorage()
     storage = FaultyStorage(inner)
     storage.hang("put")
-    u = Uploader(config(redis_server), storage)
+    u = Uploader(config(redis_server, layout=layout), storage)
     returned = anyio.Event()
 
     async def run() -> None:
@@ -488,7 +496,7 @@ async def test_upload_stop_finishes_in_flight_work_and_removes_the_idle_consumer
                 assert not returned.is_set()  # still finishing its batch
                 storage.release("put")
                 await returned.wait()
-        assert pending(c) == 0 and u.entries_acked == 3 and len(inner.objects) == 3
+        assert pending(c) == 0 and u.entries_acked == 3 and len(inner.objects) == objects
         assert c.xinfo_consumers(STREAM, GROUP) == []
 
 

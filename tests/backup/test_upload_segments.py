@@ -77,25 +77,6 @@ async def test_segments_round_trip_every_type_and_record_deletes_as_tombstones(
         assert snapshot(t) == expected
 
 
-async def test_segments_are_acknowledged_only_once_durable(redis_server: RedisServer) -> None:
-    inner = MemoryStorage()
-    storage = FaultyStorage(inner)
-    storage.hang("put")
-    u = Uploader(seg_config(redis_server), storage)  # type: ignore[arg-type]
-    with redis_server.client() as c:
-        for k in ("a", "b", "c"):
-            c.set(k, k)
-        note(c, "a", "b", "c")
-        async with running(u):
-            await storage.wait_hanging("put")
-            await anyio.sleep(0.3)
-            assert pending(c) == 3
-            assert u.entries_acked == 0 and inner.objects == {}
-            storage.release("put")
-            await until(lambda: drained(c))
-    assert len(segments(inner)) == 1 and u.entries_acked == 3
-
-
 async def test_a_failed_fsync_acknowledges_nothing_and_is_retried(
     redis_server: RedisServer,
 ) -> None:
@@ -293,33 +274,6 @@ async def test_a_write_committed_after_the_client_gave_up_cannot_hide_a_newer_st
             assert rec is not None and rec.payload == fresh  # v1 landed last and lost
             ghost = min(segments(storage))  # the oldest stamps: the first read's segment
             assert ghost in storage.objects and len(segments(storage)) >= 2
-
-
-async def test_stop_finishes_the_segment_in_flight(redis_server: RedisServer) -> None:
-    inner = MemoryStorage()
-    storage = FaultyStorage(inner)
-    storage.hang("put")
-    u = Uploader(seg_config(redis_server), storage)  # type: ignore[arg-type]
-    returned = anyio.Event()
-
-    async def run() -> None:
-        await u.run()
-        returned.set()
-
-    with redis_server.client() as c:
-        for k in ("a", "b", "c"):
-            c.set(k, k)
-        note(c, "a", "b", "c")
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run)
-                await storage.wait_hanging("put")
-                u.stop()
-                await anyio.sleep(0.3)
-                assert not returned.is_set()  # still writing its segment
-                storage.release("put")
-                await returned.wait()
-        assert pending(c) == 0 and u.entries_acked == 3 and len(segments(inner)) == 1
 
 
 def test_versioning_is_refused_with_segments(redis_server: RedisServer) -> None:

@@ -141,6 +141,10 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(
         "keys": len(names),
         "bytes": sum(size for _, size in sizes),
         "absent": 0,
+        "segments": 0,
+        "damaged_segments": 0,
+        "segment_records": 0,
+        "key_ranges": 0,
         "sample": [name for name, _ in sizes[:10]],
     }
 

@@ -275,3 +275,28 @@ async def test_a_restore_of_many_keys_per_range_is_exact(
     with target.client() as t:
         assert t.dbsize() == len(keys)
         assert dumps(t, keys) == expected
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_counts_segments_records_and_key_ranges(
+    redis_factory: Factory, storage: Storage, spec: StorageSpec
+) -> None:
+    from rrb_streams.restore.planner import preview
+    from rrb_streams.restore.report import render_preview
+
+    source = redis_factory()
+    with source.client() as c:
+        for i in range(300):
+            c.set(b"k:%03d" % i, b"v")
+        records = records_of(c, stamp=9)
+    names = [
+        await put_segment(storage, records[:150], block_records=10),
+        await put_segment(storage, records[150:], block_records=10),
+    ]
+    cfg = restore_config(source.url(), spec, dry_run=True, range_bytes=300)
+    plan = await preview(cfg, storage, on_foreign=lambda name: None)
+    assert (plan.segments, plan.damaged, plan.records) == (2, 0, 300)
+    assert plan.ranges > 1 and plan.range_bytes > 0
+    assert plan.sample == sorted(names)
+    shown = render_preview(plan, cfg, as_json=False)
+    assert f"segments: 2, 300 records to read in {plan.ranges} key ranges" in shown
