@@ -29,7 +29,6 @@ rescan.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import secrets
@@ -42,12 +41,11 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
 
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.wire.keys import OwnKeys, default_consumer
-from rrb_streams.wire.resp import pipeline
+from rrb_streams.wire.resp import FastScript
 
 # KEYS: the lease. ARGV: token, lease ms. Returns {1} when the lease is ours now (also when it
 # already was: a retried call), else {holder, remaining ms} (-1: the holder set no expiry).
@@ -193,7 +191,7 @@ class Leadership:
         self._renew = r.register_script(_RENEW)
         self._release = r.register_script(_RELEASE)
         self._take = r.register_script(_TAKE)
-        self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest().encode()
+        self._write = FastScript(_WRITE)
         self._retry = Retrying(log, "bridge", "leader_lease", cap=self.interval)
         self._stop = StopRequest()
         self._term: anyio.CancelScope | None = None
@@ -244,31 +242,9 @@ class Leadership:
         """
         if not entries:
             return True
-        width = len(entries[0])
-        head: tuple[bytes, ...] = (
-            b"2",
-            self._key.encode(),
-            self._stream.encode(),
-            self.token.encode(),
-            b"%d" % self._lease_ms,
-            b"%d" % width,
-        )
-        body = tuple(chain.from_iterable(entries))
-        (reply,) = await pipeline(self._r, [(b"EVALSHA", self._write_sha, *head, *body)])
-        if isinstance(reply, NoScriptError):
-            # The script cache is empty after a restart or SCRIPT FLUSH: load it and go again.
-            loaded, reply = await pipeline(
-                self._r,
-                [
-                    (b"SCRIPT", b"LOAD", _WRITE.encode()),
-                    (b"EVALSHA", self._write_sha, *head, *body),
-                ],
-            )
-            if isinstance(loaded, ResponseError):
-                raise loaded
-        if isinstance(reply, ResponseError):
-            raise reply
-        held = _held(reply)
+        head = (self.token.encode(), b"%d" % self._lease_ms, b"%d" % len(entries[0]))
+        args = (*head, *chain.from_iterable(entries))
+        held = _held(await self._write(self._r, (self._key, self._stream), args))
         self._settle(held, "write")
         return held.ours
 

@@ -68,6 +68,7 @@ from redis.asyncio import Redis
 from rrb_streams.wire.entries import id_tuple
 from rrb_streams.wire.index import Stored
 from rrb_streams.wire.keys import OwnKeys
+from rrb_streams.wire.resp import FastScript
 
 DONE_TTL_MS = 10 * 60 * 1000  # long enough to cover any entry still in flight for the key
 
@@ -214,9 +215,10 @@ class Leases:
         self._own = own
         self._stream = stream
         self._lease_ms = max(1, int(lease_s * 1000))
-        self._acquire = r.register_script(_ACQUIRE)
-        self._release = r.register_script(_RELEASE)
-        self._renew = r.register_script(_RENEW)
+        # Packed in one go: a chunk's call carries a thousand arguments.
+        self._acquire = FastScript(_ACQUIRE)
+        self._release = FastScript(_RELEASE)
+        self._renew = FastScript(_RENEW)
 
     @property
     def lease_s(self) -> float:
@@ -266,7 +268,7 @@ class Leases:
                 args.append("1")
                 args += index_fields[start : start + CHUNK]
             script_keys.append(own.stamp)
-            reply = await self._acquire(keys=script_keys, args=args)
+            reply = await self._acquire(self._r, script_keys, args)
             last = reply[0]
             tail = None if last is None else _text(last)
             stamp = int(reply[1])
@@ -291,7 +293,7 @@ class Leases:
         ours: list[bool] = []
         for start in range(0, len(keys), CHUNK):
             leases = [self._own.lease(db, h) for db, h in keys[start : start + CHUNK]]
-            ours += [bool(x) for x in await self._renew(keys=leases, args=[token, self._lease_ms])]
+            ours += [bool(x) for x in await self._renew(self._r, leases, [token, self._lease_ms])]
         return ours
 
     async def release(self, token: str, items: Sequence[Release]) -> list[bool]:
@@ -319,7 +321,7 @@ class Leases:
                     args += (it.done or "", "del", stored.key, "")
                 else:
                     args += (it.done or "", "set", stored.key, stored.digest)
-            ours += [bool(x) for x in await self._release(keys=keys, args=args)]
+            ours += [bool(x) for x in await self._release(self._r, keys, args)]
         return ours
 
 

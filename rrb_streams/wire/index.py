@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from rrb_streams.format.codec import KeyRecord
+from rrb_streams.wire import resp
 from rrb_streams.wire.keys import OwnKeys
 
 #: The value of a field whose object may be mid-write: its stored state is unknown.
@@ -128,8 +130,8 @@ async def absent_page(
     fields = [k for k in cast(dict[bytes, bytes], page) if not own.is_own(k)]
     if not fields:
         return int(cursor), []
-    pipe = source.pipeline(transaction=False)
-    for key in fields:
-        pipe.exists(key)
-    exists: Sequence[int] = await pipe.execute()
+    exists = await resp.pipeline(source, [(b"EXISTS", key) for key in fields])
+    for reply in exists:
+        if isinstance(reply, ResponseError):
+            raise reply
     return int(cursor), [k for k, n in zip(fields, exists, strict=True) if not n]
