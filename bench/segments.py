@@ -1066,6 +1066,20 @@ def main() -> None:
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def code_state() -> dict[str, Any]:
+    """The commit, and the newest change to the product's files: a run whose code changed
+    under it measured two versions."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    newest = max(p.stat().st_mtime for p in (root / "rrb_streams").rglob("*.py"))
+    return {"commit": head, "newest_product_change": time.strftime("%H:%M:%S", time.gmtime(newest))}
+
+
 def run_all(
     args: argparse.Namespace,
     only: list[str],
@@ -1073,7 +1087,11 @@ def run_all(
     runs: int,
     mem_runs: int,
 ) -> None:
-    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "figures": {}}
+    report: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "code_at_start": code_state(),
+        "figures": {},
+    }
     rows: list[dict[str, Any]] = []
     for name in dict.fromkeys(only):
         started = time.perf_counter()
@@ -1094,8 +1112,16 @@ def run_all(
         print(f"  {name} median ({took:.0f} s): {json.dumps(rounded(m))}", flush=True)
         rows += rows_for(name, m)
     report["table"] = rows
+    report["code_at_end"] = code_state()
     print()
-    print(f"median of {runs} run(s) each" + (f", memory {mem_runs}" if mem_runs != runs else ""))
+    if report["code_at_end"] != report["code_at_start"]:
+        print(f"WARNING: the code changed during the run: {report['code_at_start']} -> "
+              f"{report['code_at_end']}")  # fmt: skip
+    print(
+        f"median of {runs} run(s) each"
+        + (f", memory {mem_runs}" if mem_runs != runs else "")
+        + f", code {report['code_at_start']['commit']}"
+    )
     print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str))

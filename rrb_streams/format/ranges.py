@@ -254,36 +254,18 @@ def plan_ranges(
 
 
 async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) -> RangeRead:
-    """The newest record per key of ``rng`` (at or before ``at_us``), from its blocks."""
+    """The newest record per key of ``rng`` (at or before ``at_us``), from its blocks.
+
+    Each block is merged into the winners as soon as it is decoded, so a range holds its
+    winners and the few blocks in flight, not every record of every block it names (blocks
+    carried over from the previous range hold mostly keys outside this one).
+    """
     out = RangeRead()
     limiter = anyio.CapacityLimiter(_BLOCK_READERS)
-    decoded: list[tuple[str, list[KeyRecord]]] = []
-
-    async def one(ref: BlockRef) -> None:
-        info = ref.info
-        async with limiter:
-            try:
-                data = await storage.get_range(ref.name, info.offset, info.length)
-            except ObjectNotFound as exc:
-                out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
-                return
-        out.fetched += len(data)
-        try:
-            if len(data) > _DECODE_IN_THREAD:
-                records = await anyio.to_thread.run_sync(decode_block, data, info, ref.name)
-            else:
-                records = decode_block(data, info, ref.name)
-        except CorruptObject as exc:
-            out.damaged.append(_damage(ref, str(exc)))
-            return
-        decoded.append((ref.name, records))
-
-    async with anyio.create_task_group() as tg:
-        for ref in rng.blocks:
-            tg.start_soon(one, ref)
     winners = out.winners
     lo, hi = rng.lo, rng.hi
-    for name, records in decoded:
+
+    def merge(name: str, records: list[KeyRecord]) -> None:
         for rec in records:
             key = (rec.db, rec.key)
             if (lo is not None and key < lo) or (hi is not None and key >= hi):
@@ -293,6 +275,29 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
             best = winners.get(key)
             if best is None or newer(rec, best[0]):
                 winners[key] = (rec, name)
+
+    async def one(ref: BlockRef) -> None:
+        info = ref.info
+        async with limiter:
+            try:
+                data = await storage.get_range(ref.name, info.offset, info.length)
+            except ObjectNotFound as exc:
+                out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
+                return
+            out.fetched += len(data)
+            try:
+                if len(data) > _DECODE_IN_THREAD:
+                    records = await anyio.to_thread.run_sync(decode_block, data, info, ref.name)
+                else:
+                    records = decode_block(data, info, ref.name)
+            except CorruptObject as exc:
+                out.damaged.append(_damage(ref, str(exc)))
+                return
+            merge(ref.name, records)
+
+    async with anyio.create_task_group() as tg:
+        for ref in rng.blocks:
+            tg.start_soon(one, ref)
     if out.damaged:
         # A record newer than everything a damaged block held still wins: after a repair
         # wrote the key again, for one.

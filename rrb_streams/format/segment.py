@@ -402,6 +402,9 @@ def _parse_records(raw: bytes, count: int) -> list[KeyRecord] | None:
     record = KeyRecord
     out: list[KeyRecord] = []
     append = out.append
+    # A block holds a handful of types and Redis versions: one string object each, not one
+    # per record (a restore holds a range's records in memory at once).
+    names: dict[bytes, str] = {}
     pos = 0
     for _ in range(count):
         db, n = head(raw, pos)
@@ -410,13 +413,15 @@ def _parse_records(raw: bytes, count: int) -> list[KeyRecord] | None:
         pos += n
         flags, expire, read_at_us, stamp, n = mid(raw, pos)
         pos += 26
-        type_ = raw[pos : pos + n].decode("ascii")
+        text = raw[pos : pos + n]
+        type_ = names.get(text) or names.setdefault(text, text.decode("ascii"))
         pos += n
         n = raw[pos]
         entry_id = raw[pos + 1 : pos + 1 + n].decode("ascii")
         pos += 1 + n
         n = raw[pos]
-        redis_version = raw[pos + 1 : pos + 1 + n].decode("ascii")
+        text = raw[pos + 1 : pos + 1 + n]
+        redis_version = names.get(text) or names.setdefault(text, text.decode("ascii"))
         pos += 1 + n
         (n,) = u64(raw, pos)
         pos += 8
