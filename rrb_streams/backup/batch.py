@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -215,10 +215,11 @@ class BatchProcessor:
             k = work.keys.get((change.db, change.key))
             if k is None:
                 k = _Key(change.db, change.key, key_hash(change.key), force=batch.redo)
-                work.keys[(change.db, change.key)] = k
-            k.entries.append((entry_id, fields))
-            if id_tuple(entry_id) > id_tuple(k.max_id):
                 k.max_id = entry_id
+                work.keys[(change.db, change.key)] = k
+            elif id_tuple(entry_id) > id_tuple(k.max_id):
+                k.max_id = entry_id
+            k.entries.append((entry_id, fields))
         return work
 
     async def _wait_ready(self, work: _Work) -> None:
@@ -254,11 +255,13 @@ class BatchProcessor:
             await self._let_go(token, held)
             raise
         releases = [Release(k.db, k.hash) for k in covered]
+        tail_id = None if tail is None else id_tuple(tail)
         for k in to_write:
             if k in out.failures:
                 releases.append(Release(k.db, k.hash))
                 continue
-            done = _newest(tail, k.max_id)
+            # The newer of the key's newest entry and the stream's tail at the acquire.
+            done = k.max_id if tail_id is None or id_tuple(k.max_id) >= tail_id else tail
             if k in out.written:
                 releases.append(Release(k.db, k.hash, done, Stored(k.key, out.written[k])))
             else:
@@ -335,7 +338,7 @@ class BatchProcessor:
         for db, keys in by_db.items():
             try:
                 results = await self._source.read(
-                    db, [k.key for k in keys], [k.max_id for k in keys]
+                    db, [k.key for k in keys], [k.max_id for k in keys], [k.stamp for k in keys]
                 )
             except ResponseError:
                 # The source refused the whole transaction (an ACL denying one key aborts it):
@@ -354,7 +357,7 @@ class BatchProcessor:
             if digest is not None and not k.force and digest == k.stored:
                 out.unchanged.append(k)
             else:
-                writes.append((k, replace(rec, stamp=k.stamp), digest))
+                writes.append((k, rec, digest))
         # A crash after a storage call must not leave a digest naming a state storage lacks. An
         # absent key with no field has nothing to mark: no digest claims anything for it.
         await index.mark_unknown(
@@ -424,7 +427,7 @@ class BatchProcessor:
         out: list[KeyRecord | KeyReadError] = []
         for k in keys:
             try:
-                out += await self._source.read(db, [k.key], [k.max_id])
+                out += await self._source.read(db, [k.key], [k.max_id], [k.stamp])
             except ResponseError as exc:
                 out.append(KeyReadError(k.key, f"source refused to read the key: {exc}"))
         return out
@@ -566,7 +569,3 @@ async def _encode(rec: KeyRecord) -> bytes:
     if len(rec.payload) > _ENCODE_IN_THREAD:
         return await anyio.to_thread.run_sync(encode, rec)
     return encode(rec)
-
-
-def _newest(a: str | None, b: str) -> str:
-    return b if a is None or id_tuple(b) >= id_tuple(a) else a

@@ -73,12 +73,17 @@ class Source:
             self._exact_expiry = _major(self.redis_version) >= 7
 
     async def read(
-        self, db: int, keys: Sequence[bytes], entry_ids: Sequence[str]
+        self,
+        db: int,
+        keys: Sequence[bytes],
+        entry_ids: Sequence[str],
+        stamps: Sequence[int] | None = None,
     ) -> list[KeyRecord | KeyReadError]:
         """Read every key of ``db`` in one transaction; one result per key, in order.
 
         An absent key gives a tombstone record. ``entry_ids[i]`` is stored in the record of
-        ``keys[i]`` (the change-stream entry that caused the read).
+        ``keys[i]`` (the change-stream entry that caused the read), and so is ``stamps[i]``,
+        its ordering stamp, when given.
         """
         if not keys:
             return []
@@ -102,7 +107,8 @@ class Source:
                 continue
             if failed is not None:
                 raise failed
-            out.append(self._record(db, key, entry_ids[i], read_at_us, dump, expiry, type_))
+            stamp = 0 if stamps is None else stamps[i]
+            out.append(self._record(db, key, entry_ids[i], read_at_us, dump, expiry, type_, stamp))
         return out
 
     def _record(
@@ -114,9 +120,12 @@ class Source:
         dump: bytes | None,
         expiry: int,
         type_: bytes | str,
+        stamp: int,
     ) -> KeyRecord:
         if dump is None:
-            return KeyRecord.absent(key, db, read_at_us, entry_id, self.redis_version)
+            return KeyRecord(
+                key, db, "none", None, read_at_us, entry_id, self.redis_version, b"", True, stamp
+            )
         expiry = int(expiry)
         if expiry < 0:
             expire_at_ms = None
@@ -134,6 +143,7 @@ class Source:
             entry_id=entry_id,
             redis_version=self.redis_version,
             payload=bytes(dump),
+            stamp=stamp,
         )
 
     async def close(self) -> None:
