@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.wire.entries import SCAN_EVENT, NewEntry
 
-_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.25, 1.5, 2, 2.5, 5, 10, 30, 60, 300)
 
 
 @dataclass(slots=True)

@@ -52,7 +52,8 @@ Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 
 DEFAULT_BUDGET = 4 << 20  # bytes of records a range decodes, about: some 50,000 small ones
 _FOOTER_READERS = 8  # segments whose index is fetched at once
-_BLOCK_READERS = 4  # blocks of one range fetched at once
+_BLOCK_READERS = 4  # runs of blocks of one range fetched at once
+_RUN_BYTES = 4 << 20  # stored bytes one ranged GET fetches at most
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
 
 
@@ -276,28 +277,32 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
             if best is None or newer(rec, best[0]):
                 winners[key] = (rec, name)
 
-    async def one(ref: BlockRef) -> None:
-        info = ref.info
+    async def one(run: list[BlockRef]) -> None:
+        name, start = run[0].name, run[0].info.offset
         async with limiter:
             try:
-                data = await storage.get_range(ref.name, info.offset, info.length)
+                data = await storage.get_range(name, start, _run_end(run) - start)
             except ObjectNotFound as exc:
-                out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
+                out.damaged += [_damage(ref, f"{name}: gone from storage ({exc})") for ref in run]
                 return
             out.fetched += len(data)
-            try:
-                if len(data) > _DECODE_IN_THREAD:
-                    records = await anyio.to_thread.run_sync(decode_block, data, info, ref.name)
-                else:
-                    records = decode_block(data, info, ref.name)
-            except CorruptObject as exc:
-                out.damaged.append(_damage(ref, str(exc)))
-                return
-            merge(ref.name, records)
+            for ref in run:
+                info = ref.info
+                # Cut short when the object is: the block then fails its checksum.
+                block = data[info.offset - start : info.offset - start + info.length]
+                try:
+                    if len(block) > _DECODE_IN_THREAD:
+                        records = await anyio.to_thread.run_sync(decode_block, block, info, name)
+                    else:
+                        records = decode_block(block, info, name)
+                except CorruptObject as exc:
+                    out.damaged.append(_damage(ref, str(exc)))
+                    continue
+                merge(name, records)
 
     async with anyio.create_task_group() as tg:
-        for ref in rng.blocks:
-            tg.start_soon(one, ref)
+        for run in _runs(rng.blocks):
+            tg.start_soon(one, run)
     if out.damaged:
         # A record newer than everything a damaged block held still wins: after a repair
         # wrote the key again, for one.
@@ -393,6 +398,29 @@ def range_key_in(text: str) -> Key | None:
         return _key_in(json.loads(text))
     except (TypeError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed range cursor {text!r}") from exc
+
+
+def _runs(blocks: Sequence[BlockRef]) -> list[list[BlockRef]]:
+    """``blocks`` grouped into runs that follow each other in one object, each fetched with
+    one ranged GET (up to :data:`_RUN_BYTES`): a range names many neighbouring blocks of a
+    large segment, and a GET per block would cost a request each."""
+    runs: list[list[BlockRef]] = []
+    for ref in sorted(blocks, key=lambda b: (b.name, b.info.offset)):
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last[-1].name == ref.name
+            and _run_end(last) == ref.info.offset
+            and _run_end(last) - last[0].info.offset + ref.info.length <= _RUN_BYTES
+        ):
+            last.append(ref)
+        else:
+            runs.append([ref])
+    return runs
+
+
+def _run_end(run: list[BlockRef]) -> int:
+    return run[-1].info.offset + run[-1].info.length
 
 
 def _damage(ref: BlockRef, reason: str) -> Damage:

@@ -1091,3 +1091,29 @@ async def test_prefer_keys_layout_passes_over_a_damaged_object(report: bool) -> 
     if report:
         assert len(damaged) == 1 and damaged[0][0] == bad_name
         assert bad_name in damaged[0][1] and "checksum" in damaged[0][1]
+
+
+class _CountingRanges(MemoryStorage):
+    """Counts ranged GETs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranged: list[tuple[str, int, int]] = []
+
+    async def get_range(self, name: str, start: int, length: int) -> bytes:
+        self.ranged.append((name, start, length))
+        return await super().get_range(name, start, length)
+
+
+@pytest.mark.anyio
+async def test_neighbouring_blocks_of_one_segment_come_in_one_ranged_get() -> None:
+    storage = _CountingRanges()
+    backup = await build(storage)
+    ranges = await planned(backup, budget=HUGE)
+    (rng,) = ranges
+    storage.ranged.clear()
+    read = await read_range(storage, rng)
+    # Every block of a segment follows the one before: one GET per segment, not per block.
+    assert len(storage.ranged) == len(backup.names) < len(rng.blocks)
+    assert read.fetched == rng.size
+    assert read.winners == brute(backup.records)
