@@ -53,7 +53,7 @@ Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 DEFAULT_BUDGET = 4 << 20  # bytes of records a range decodes, about: some 50,000 small ones
 _FOOTER_READERS = 8  # segments whose index is fetched at once
 _BLOCK_READERS = 4  # runs of blocks of one range fetched at once
-_RUN_BYTES = 4 << 20  # stored bytes one ranged GET fetches at most
+_RUN_BYTES = 1 << 20  # stored bytes one ranged GET fetches at most: memory, not requests
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
 
 
