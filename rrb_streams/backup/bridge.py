@@ -39,7 +39,6 @@ reconnect is a gap like any other.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any
 
 import anyio
@@ -63,7 +62,7 @@ from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.wire.connections import connect, ping
-from rrb_streams.wire.entries import NewEntry, entry_fields, now_ms
+from rrb_streams.wire.entries import NewEntry, entry_pairs, now_ms
 from rrb_streams.wire.group import ensure_group
 from rrb_streams.wire.keys import DEFAULT_GROUP
 from rrb_streams.wire.urls import redact_url, url_db
@@ -374,7 +373,7 @@ class Bridge:
         duplicate entries, which is harmless: uploaders read the key's current state). If
         another bridge leads, nothing is written and the term is cancelled."""
         assert self._leadership is not None
-        entries = [tuple(chain.from_iterable(entry_fields(*c).items())) for c in batch]
+        entries = [entry_pairs(*c) for c in batch]
         while True:
             try:
                 written = await self._leadership.xadd(entries)

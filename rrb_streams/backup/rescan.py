@@ -2,9 +2,14 @@
 
 A rescan of a db has two passes, both as ``scan`` changes:
 
-1. SCAN the source for the keys that exist: any of them may have changed unseen;
-2. walk the db's stored-keys index (:mod:`rrb_streams.wire.index`) for the keys that storage holds
-   but the source no longer does: deleted, expired, flushed or swapped away unseen.
+1. walk the db's stored-keys index (:mod:`rrb_streams.wire.index`) for the keys that storage holds
+   but the source no longer does: deleted, expired, flushed or swapped away unseen;
+2. SCAN the source for the keys that exist: any of them may have changed unseen.
+
+The walk goes first because the uploaders fill the index with the keys the SCAN sends: walked
+after it, the index of a first backup would hold every key just sent, and each would cost an
+``EXISTS`` for nothing. Either order finds every gone key: one deleted after the walk is
+deleted while the subscription listens, or a newer gap restarts the rescan.
 
 ``Gaps`` collects the reasons (startup, reconnect, a restart) and numbers them; a rescan that
 sees a newer number starts over from cursor 0, because keys it already passed may have changed
@@ -120,11 +125,11 @@ class Rescanner:
         gap interrupts."""
         keys = gone = skipped = 0
         for db in dbs:
-            live = await self._scan_keys(send, generation, db)
-            if live is None:
-                return None
             absent = await self._walk_index(send, generation, db)
             if absent is None:
+                return None
+            live = await self._scan_keys(send, generation, db)
+            if live is None:
                 return None
             keys, skipped, gone = keys + live[0], skipped + live[1], gone + absent
         return keys, gone, skipped
@@ -165,7 +170,7 @@ class Rescanner:
         self, send: MemoryObjectSendStream[NewEntry], generation: int, db: int
     ) -> int | None:
         """Enqueue the watched keys of ``db``'s index that the source lacks; how many, or
-        ``None`` when interrupted. Keys deleted after the SCAN may come here too: harmless."""
+        ``None`` when interrupted."""
         cfg = self._cfg
         gone = 0
         cursor = 0

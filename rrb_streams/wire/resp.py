@@ -69,7 +69,14 @@ class FastScript:
         self, r: Redis, keys: Sequence[str | bytes], args: Sequence[str | int | bytes]
     ) -> Any:
         """The script's reply; raises its ``ResponseError`` (and connection errors)."""
-        call = (b"EVALSHA", self.sha, b"%d" % len(keys), *map(_arg, keys), *map(_arg, args))
+        # Most arguments are bytes already: convert only the others.
+        call = (
+            b"EVALSHA",
+            self.sha,
+            b"%d" % len(keys),
+            *[k if type(k) is bytes else _arg(k) for k in keys],
+            *[a if type(a) is bytes else _arg(a) for a in args],
+        )
         (reply,) = await pipeline(r, [call])
         if isinstance(reply, NoScriptError):
             loaded, reply = await pipeline(r, [(b"SCRIPT", b"LOAD", self.text), call])

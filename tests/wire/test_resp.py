@@ -81,3 +81,12 @@ async def test_resp_many_replies_over_many_reads_stay_in_step(r: Redis) -> None:
         assert counts == sorted(counts) and len(set(counts)) == len(counts)
     assert await r.get("n") == str(2 * (n - n // 1000)).encode()
     assert await pipeline(r, [(b"GET", b"s")]) == [b"v"]
+
+
+def test_entry_pairs_are_the_fields_of_entry_fields_in_order() -> None:
+    from rrb_streams.wire.entries import entry_fields, entry_pairs
+
+    fields = entry_fields(3, b"k\x00\xff", "del", 1_796_000_000_123)
+    assert entry_pairs(3, b"k\x00\xff", "del", 1_796_000_000_123) == tuple(
+        x for pair in fields.items() for x in pair
+    )
