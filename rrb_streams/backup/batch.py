@@ -414,14 +414,7 @@ class BatchProcessor:
                 self._metrics.error("upload", "ObjectRejected")
             return
         for k, rec, digest in writes:
-            out.written[k] = digest
-            out.read_at_us.append(rec.read_at_us)
-            if rec.tombstone:
-                self._stats.deletes += 1
-                work.tally["deletes"] += 1
-            else:
-                self._stats.puts += 1
-                work.tally["puts"] += 1
+            self._written(work, k, rec, digest, out)
 
     async def _read_one_by_one(self, db: int, keys: list[_Key]) -> list[KeyRecord | KeyReadError]:
         out: list[KeyRecord | KeyReadError] = []
@@ -477,6 +470,13 @@ class BatchProcessor:
                 StorageUnavailable(f"storage call for {name} took over {self._call_timeout} s")
             )
             return
+        self._written(work, k, rec, digest, out)
+
+    def _written(
+        self, work: _Work, k: _Key, rec: KeyRecord, digest: bytes | None, out: _Outcome
+    ) -> None:
+        """Count ``k``'s state (or absence) as durable in storage: its own object, or a
+        record of a segment."""
         out.written[k] = digest
         out.read_at_us.append(rec.read_at_us)
         if rec.tombstone:

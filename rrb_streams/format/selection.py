@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from rrb_streams.format.layout import parse_name
 from rrb_streams.format.legacy import LegacyName, parse_legacy_name
 from rrb_streams.format.segment import parse_segment_name
-from rrb_streams.storage.base import ObjectInfo
+from rrb_streams.storage.base import ObjectInfo, Storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +176,12 @@ async def has_versions(listing: AsyncIterable[ObjectInfo], prefix: str, *, legac
     return False
 
 
-async def has_keys_layout(listing: AsyncIterable[ObjectInfo], prefix: str) -> bool:
-    """Whether ``listing`` holds any object of the keys layout (a prefix may hold both)."""
-    async for _ in select(listing, prefix, at_us=None, stats=PlanStats()):
+async def has_keys_layout(storage: Storage, prefix: str) -> bool:
+    """Whether ``prefix`` holds any object of the keys layout (a prefix may hold both).
+
+    Lists only names under ``{prefix}db``, where that layout's objects live: not every
+    segment again."""
+    async for _ in select(storage.list(f"{prefix}db"), prefix, at_us=None, stats=PlanStats()):
         return True
     return False
 

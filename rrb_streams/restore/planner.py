@@ -94,9 +94,7 @@ class Planner:
             if ranges and start is not None:
                 first = ranges[0]
                 ranges[0] = replace(first, lo=max(first.lo or start, start))
-        mixed = bool(blocks) and await has_keys_layout(
-            self._storage.list(list_prefix(cfg)), cfg.path_prefix
-        )
+        mixed = bool(blocks) and await has_keys_layout(self._storage, cfg.path_prefix)
         if footers.damaged:
             await state.add_failures([(name, reason) for name, reason in footers.damaged])
         for i in range(0, max(1, len(ranges)), _RANGES_PER_CALL):

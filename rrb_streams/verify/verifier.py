@@ -228,7 +228,7 @@ class Verifier:
             self._log.warning("verify.corrupt_object", object=name, reason=reason)
         if not blocks:
             return
-        self._mixed = await has_keys_layout(self.storage.list(prefix), prefix)
+        self._mixed = await has_keys_layout(self.storage, prefix)
         bar = _Shown(self._progress("records")) if self._progress else None
         ranges = plan_ranges(blocks)
         total = sum(r.records for r in ranges)
