@@ -1,4 +1,5 @@
-"""Segment-layout benchmarks: PUTs per change, end-to-end lag, bulk backup, restore, memory.
+"""Segment-layout benchmarks: PUTs per change, end-to-end lag, bulk backup, restore, memory,
+one large value.
 
 Run from the repository root, after ``scripts/test`` made ``.venv``::
 
@@ -33,6 +34,11 @@ restore_s3  the same segments in moto S3: ``rrb-restore -c 8`` vs downloading   
 memory      (a) ``rrb`` peak RSS at 5,000 changes/s over 100k keys for           < 150 MB
             ``--seconds``; (b) ``rrb-restore`` peak RSS restoring                < 200 MB
             ``--memory-keys`` keys from a folder of segments.
+large       one random string of ``--large-mb`` MiB, to a folder and to moto     <= +2x the
+            S3: ``rrb`` peak RSS over its idle RSS, and ``rrb-restore`` peak     value +
+            RSS over its ``--dry-run``'s (memory runs). Redis sends a DUMP and    64 MB
+            takes a RESTORE whole, so one copy is the floor; reading the reply
+            holds two for a moment.
 ==========  ==================================================================  ==========
 """
 
@@ -846,6 +852,71 @@ def memory_restore_runs(work: Path, n: int, runs: int) -> list[dict[str, Any]]:
     return out
 
 
+# --- 7. one large value ---------------------------------------------------------------------
+
+
+def bench_large(work: Path, mb: int, where: str) -> dict[str, Any]:
+    """One string of ``mb`` MiB (random: nothing compresses it) backed up by ``rrb`` and
+    restored by ``rrb-restore``, to a folder or to moto S3: each command's peak RSS against
+    its own idle RSS (rrb before the value existed; rrb-restore's ``--dry-run``)."""
+    size = mb * 2**20
+    moto: subprocess.Popen[bytes] | None = None
+    server = start_redis(work / "redis")
+    target = start_redis(work / "target")
+    rrb: Rrb | None = None
+    env: dict[str, str] = {}
+    try:
+        if where == "s3":
+            moto, endpoint = start_moto(work)
+            boto_client(endpoint).create_bucket(Bucket=BUCKET)
+            env = moto_env(endpoint)
+            storage = f"s3://{BUCKET}/"
+        else:
+            storage = str(work / "store")
+        c = server.client()
+        for r in (c, target.client()):
+            r.config_set("proto-max-bulk-len", str(2 * size + 2**20))
+        rrb = running = Rrb(work, server.url(), storage, **env).start()
+        wait_ready(running, c)
+        idle = rss_mb(running.pid)[0]
+        value = os.urandom(size)
+        t0 = time.perf_counter()
+        c.set(b"large", value)
+        del value
+        wait_for(
+            lambda: sample(running.scrape(), "rrb_upload_segment_records_total") >= 1, 600, 0.05
+        )
+        backup_s = time.perf_counter() - t0
+        backup_peak = rss_mb(rrb.pid)[1]
+        rrb.stop()
+        rrb = None
+        child = child_env(LOG_LEVEL="WARNING", **env)
+        _, dry_peak, _ = run_to_exit(restore_argv(target, storage, "--dry-run"), child)
+        restore_s, restore_peak, _ = run_to_exit(restore_argv(target, storage), child)
+        restored = target.client().strlen(b"large")
+        if restored != size:
+            raise RuntimeError(f"restored {restored} bytes of {size}")
+    finally:
+        if rrb is not None:
+            rrb.stop()
+        server.kill()
+        target.kill()
+        if moto is not None:
+            moto.kill()
+            moto.wait()
+    return {
+        "value_mb": float(mb),
+        "backup_s": backup_s,
+        "rrb_idle_mb": idle,
+        "rrb_peak_mb": backup_peak,
+        "restore_s": restore_s,
+        "restore_dry_run_mb": dry_peak,
+        "restore_peak_mb": restore_peak,
+        "rrb_added_x": (backup_peak - idle) / mb,
+        "restore_added_x": (restore_peak - dry_peak) / mb,
+    }
+
+
 # --- driver ---------------------------------------------------------------------------------
 
 
@@ -997,6 +1068,23 @@ def rows_for(name: str, m: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": "yes" if m["peak_rss_mb"] < 200 else "NO",
             }
         ]
+    if name in ("large_fs", "large_s3"):
+        where = "a folder" if name == "large_fs" else "moto S3"
+        value = m["value_mb"]
+        return [
+            {
+                "what": f"{command} peak RSS, one {value:,.0f} MiB value, {where}",
+                "measured": fmt(m[f"{key}_peak_mb"], " MB", 0),
+                "baseline": f"{base} {fmt(m[idle], ' MB', 0)}",
+                "ratio": f"+{m[f'{key}_added_x']:.2f}x the value",
+                "target": "<= +2x the value + 64 MB",
+                "met": "yes" if m[f"{key}_peak_mb"] - m[idle] <= 2 * value + 64 else "NO",
+            }
+            for command, key, base, idle in (
+                ("rrb", "rrb", "idle", "rrb_idle_mb"),
+                ("rrb-restore", "restore", "--dry-run", "restore_dry_run_mb"),
+            )
+        ]
     raise ValueError(name)
 
 
@@ -1009,7 +1097,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-NAMES = ("puts", "lag", "bulk", "restore_fs", "restore_s3", "memory")
+NAMES = ("puts", "lag", "bulk", "restore_fs", "restore_s3", "memory", "large")
 
 
 def main() -> None:
@@ -1030,13 +1118,16 @@ def main() -> None:
     p.add_argument("--restore-keys", type=int, default=300_000)
     p.add_argument("--memory-keys", type=int, default=1_000_000)
     p.add_argument("--memory-runs", type=int, help="runs of the memory figures (default: --runs)")
+    p.add_argument("--large-mb", type=int, default=256, help="size of the large value (MiB)")
     args = p.parse_args()
     only: list[str] = []
     for item in args.only:
         for name in item.split(","):
             if name == "memory":
                 only += ["memory_upload", "memory_restore"]
-            elif name in (*NAMES, "memory_upload", "memory_restore"):
+            elif name == "large":
+                only += ["large_fs", "large_s3"]
+            elif name in (*NAMES, "memory_upload", "memory_restore", "large_fs", "large_s3"):
                 only.append(name)
             elif name:
                 p.error(f"unknown figure {name!r}")
@@ -1058,6 +1149,12 @@ def main() -> None:
         ),
         "memory_restore": lambda: in_workdir(
             "memory-restore", lambda w: memory_restore_runs(w, args.memory_keys, mem_runs)
+        ),
+        "large_fs": lambda: repeated(
+            "large_fs", mem_runs, lambda w: bench_large(w, args.large_mb, "fs")
+        ),
+        "large_s3": lambda: repeated(
+            "large_s3", mem_runs, lambda w: bench_large(w, args.large_mb, "s3")
         ),
     }
     try:

@@ -155,6 +155,11 @@ class BatchProcessor:
         )
         self._sink = sink
 
+    @property
+    def sink(self) -> SegmentSink | None:
+        """The segment sink the batches write to; ``None`` with the keys layout."""
+        return self._sink
+
     async def process(self, batch: Batch) -> None:
         """Settle every entry of ``batch``: written and acknowledged, or dead-lettered.
 
@@ -353,7 +358,12 @@ class BatchProcessor:
                     records.append((k, res))
         writes: list[tuple[_Key, KeyRecord, bytes | None]] = []
         for k, rec in records:
-            digest = None if rec.tombstone else await self._digest(rec)
+            if rec.tombstone:
+                digest = None
+            elif len(rec.payload) > _ENCODE_IN_THREAD:
+                digest = await anyio.to_thread.run_sync(index.digest, rec, self._target)
+            else:  # no await per key: most payloads are small
+                digest = index.digest(rec, self._target)
             if digest is not None and not k.force and digest == k.stored:
                 out.unchanged.append(k)
             else:
@@ -485,11 +495,6 @@ class BatchProcessor:
         else:
             self._stats.puts += 1
             work.tally["puts"] += 1
-
-    async def _digest(self, rec: KeyRecord) -> bytes:
-        if len(rec.payload) > _ENCODE_IN_THREAD:
-            return await anyio.to_thread.run_sync(index.digest, rec, self._target)
-        return index.digest(rec, self._target)
 
     async def _flush(self) -> None:
         try:

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from redis.asyncio import Redis
 
@@ -182,8 +182,7 @@ return out
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(NamedTuple):
     """The outcome of one key's acquire: whether we hold it, and its done marker if we do."""
 
     held: bool
@@ -196,8 +195,7 @@ class Grant:
         return self.held and self.done is not None and id_tuple(entry_id) <= id_tuple(self.done)
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     """One lease to release; ``done`` advances the marker (only if greater) when not ``None``;
     ``stored`` updates the key's index field when not ``None``."""
 

@@ -195,9 +195,17 @@ class Uploader:
     async def _work(
         self, processor: BatchProcessor, receive: MemoryObjectReceiveStream[Batch]
     ) -> None:
+        sink = processor.sink
         async with receive:
             async for batch in receive:
-                await processor.process(batch)
+                if sink is None:
+                    await processor.process(batch)
+                    continue
+                sink.batch_started()
+                try:
+                    await processor.process(batch)
+                finally:
+                    sink.batch_ended()
 
     # -- reading ------------------------------------------------------------------------------
 

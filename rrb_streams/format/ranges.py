@@ -34,6 +34,7 @@ import anyio
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
+from rrb_streams.format.large import LARGE_BLOCK, read_large_block
 from rrb_streams.format.layout import latest_name
 from rrb_streams.format.segment import (
     TAIL_READ,
@@ -280,6 +281,9 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
     async def one(run: list[BlockRef]) -> None:
         name, start = run[0].name, run[0].info.offset
         async with limiter:
+            if len(run) == 1 and run[0].info.raw_length >= LARGE_BLOCK:
+                await large(run[0])
+                return
             try:
                 data = await storage.get_range(name, start, _run_end(run) - start)
             except ObjectNotFound as exc:
@@ -299,6 +303,19 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
                     out.damaged.append(_damage(ref, str(exc)))
                     continue
                 merge(name, records)
+
+    async def large(ref: BlockRef) -> None:
+        # One large value: fetched in pieces, never held compressed and raw at once.
+        try:
+            records = await read_large_block(storage, ref.name, ref.info)
+        except ObjectNotFound as exc:
+            out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
+            return
+        except CorruptObject as exc:
+            out.damaged.append(_damage(ref, str(exc)))
+            return
+        out.fetched += ref.info.length
+        merge(ref.name, records)
 
     async with anyio.create_task_group() as tg:
         for run in _runs(rng.blocks):

@@ -57,6 +57,7 @@ TRAILER_SIZE = 80
 TAIL_READ = 64 * 1024  # bytes a reader fetches from the end first: trailer + index usually fit
 
 _HEADER = struct.Struct(">4sBB10x")
+HEADER = _HEADER.pack(MAGIC, SEGMENT_VERSION, KIND)  # every segment starts with these bytes
 _TRAILER = struct.Struct(">QI32s32s4s")
 _TRAILER_HEAD = struct.Struct(">QI32s")  # the trailer fields the object checksum covers
 _DIGEST_SIZE = 32
@@ -151,7 +152,7 @@ def _short(value: str, field: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-def _record_parts(rec: KeyRecord) -> list[bytes]:
+def record_parts(rec: KeyRecord) -> list[bytes]:
     expire = NO_EXPIRY if rec.expire_at_ms is None else rec.expire_at_ms
     try:
         return [
@@ -213,7 +214,7 @@ def encode_segment(
         raise ValueError("a segment needs at least one record")
     # One compressor per call: zstandard's objects are not safe to share between threads.
     compress = zstandard.ZstdCompressor(level=level).compress
-    out: list[bytes] = [_HEADER.pack(MAGIC, SEGMENT_VERSION, KIND)]
+    out: list[bytes] = [HEADER]
     infos: list[BlockInfo] = []
     offset = HEADER_SIZE
     members: list[KeyRecord] = []
@@ -249,7 +250,7 @@ def encode_segment(
         size = 0
 
     for rec in ordered:
-        rec_parts = _record_parts(rec)
+        rec_parts = record_parts(rec)
         rec_size = sum(map(len, rec_parts))
         if members and size + rec_size > block_bytes:
             close()  # keeps an oversized record out of a block of small ones
@@ -261,14 +262,18 @@ def encode_segment(
     if members:
         close()
 
-    index = _U32.pack(len(infos)) + b"".join(map(_index_entry, infos))
-    out.append(index)
-    out.append(_TRAILER_HEAD.pack(offset, len(index), hashlib.sha256(index).digest()))
+    out += footer_bytes(infos, offset)
     h = hashlib.sha256()
     for part in out:
         h.update(part)
     out += (h.digest(), TRAILER_MAGIC)
     return b"".join(out)
+
+
+def footer_bytes(infos: list[BlockInfo], index_offset: int) -> tuple[bytes, bytes]:
+    """The index and the trailer's fields up to the object checksum."""
+    index = _U32.pack(len(infos)) + b"".join(map(_index_entry, infos))
+    return index, _TRAILER_HEAD.pack(index_offset, len(index), hashlib.sha256(index).digest())
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -380,6 +385,15 @@ def decode_block(data: bytes, info: BlockInfo, name: str) -> list[KeyRecord]:
         )
     except zstandard.ZstdError as exc:
         raise CorruptObject(f"{where}: cannot decompress: {exc}") from exc
+    return parse_block(raw, info, name)
+
+
+def parse_block(raw: bytes, info: BlockInfo, name: str) -> list[KeyRecord]:
+    """Parse one block's decompressed bytes (verified by the caller against its checksum).
+
+    Raises ``CorruptObject`` naming ``name`` and the block's offset on any mismatch.
+    """
+    where = f"{name}: block at offset {info.offset}"
     if len(raw) != info.raw_length:
         raise CorruptObject(f"{where}: {len(raw)} raw bytes, the index says {info.raw_length}")
     try:

@@ -9,7 +9,7 @@ untimed: it is a stream of pages, not one call.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from rrb_streams.errors import ObjectNotFound
 from rrb_streams.ops.metrics import Metrics
@@ -51,6 +51,22 @@ class TimedStorage:
         finally:
             self._put.observe(time.perf_counter() - started)
         self._bytes.inc(len(data))
+
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        size = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+
+        started = time.perf_counter()
+        try:
+            await self.inner.put_stream(name, counted())
+        finally:
+            self._put.observe(time.perf_counter() - started)
+        self._bytes.inc(size)
 
     async def get(self, name: str) -> bytes:
         started = time.perf_counter()

@@ -209,6 +209,7 @@ class Writer:
         now_ms = self._now_ms()
         tail = b"$7\r\nREPLACE\r\n" if cfg.if_exists == "replace" else b""
         by_db: dict[int, tuple[list[bytes], list[tuple[KeyRecord, str]]]] = {}
+        large: list[tuple[int, KeyRecord, str]] = []
         for rec, name in winners.values():
             if rec.tombstone:
                 counts[ABSENT] += 1
@@ -231,11 +232,21 @@ class Writer:
                 tally.add(self._too_new(rec, name))
                 continue
             db = rec.db if into is None else into
+            if len(payload) >= _LARGE_VALUE:
+                large.append((db, rec, name))
+                continue
             packed, meta = by_db.setdefault(db, ([], []))
             packed.append(_packed_restore(key, expire, payload, tail))
             meta.append((rec, name))
+        sent: list[tuple[int, list[Any], list[tuple[KeyRecord, str]]]] = []
         for db, (packed, meta) in by_db.items():
             replies = await resp.pipeline_packed(self.client(db), b"".join(packed), len(packed))
+            sent.append((db, replies, meta))
+        for db, rec, name in large:
+            # Sent in pieces, not packed: the command would be a second copy of the value.
+            pieces = _restore_pieces(rec.key, rec.expire_at_ms, rec.payload, tail)
+            sent.append((db, [await resp.send_large(self.client(db), pieces)], [(rec, name)]))
+        for db, replies, meta in sent:
             for reply, (rec, name) in zip(replies, meta, strict=True):
                 if isinstance(reply, ResponseError):
                     if _unavailable(reply):
@@ -397,6 +408,10 @@ def error_text(exc: ResponseError) -> str:
     return f"{code} {exc}" if code else str(exc)
 
 
+#: A value at least this large is sent in pieces (see _restore_pieces), not packed.
+_LARGE_VALUE = 16 * 1024 * 1024
+
+
 def _packed_restore(key: bytes, expire: int | None, payload: bytes, tail: bytes) -> bytes:
     """``RESTORE key ttl payload [ABSTTL] [REPLACE]`` in the Redis protocol, in one format."""
     if expire is None:
@@ -419,6 +434,33 @@ def _packed_restore(key: bytes, expire: int | None, payload: bytes, tail: bytes)
         payload,
         tail,
     )
+
+
+def _restore_pieces(
+    key: bytes, expire: int | None, payload: bytes, tail: bytes, piece: int = 1 << 20
+) -> list[bytes | memoryview]:
+    """:func:`_packed_restore` as pieces that share ``payload``'s memory, ``piece`` bytes of
+    it each."""
+    if expire is None:
+        head = b"*%d\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (
+            5 if tail else 4,
+            len(key),
+            key,
+        )
+        after = b"\r\n" + tail
+    else:
+        ttl = b"%d" % expire
+        head = b"*%d\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            6 if tail else 5,
+            len(key),
+            key,
+            len(ttl),
+            ttl,
+        )
+        after = b"\r\n$6\r\nABSTTL\r\n" + tail
+    view = memoryview(payload)
+    body = [view[i : i + piece] for i in range(0, len(view), piece)]
+    return [head + b"$%d\r\n" % len(payload), *body, after]
 
 
 def _reason(exc: Exception, name: str) -> str:

@@ -9,7 +9,7 @@ Errors are the project's own (:mod:`rrb_streams.errors`), never a library's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +50,16 @@ class Storage(Protocol):
         Atomic: a reader sees the old object or the new one, never a part. Idempotent.
         Raises ``StorageUnavailable`` for transient failures, ``ObjectRejected`` for permanent
         ones. The object is durable once :meth:`flush` has returned after this call.
+        """
+        ...
+
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Store the concatenation of ``chunks`` under ``name``, as :meth:`put` does, holding
+        about one chunk in memory (S3: one multipart part) whatever the object's size.
+
+        ``chunks`` is iterated once, in a worker thread, so it may do the work that makes the
+        bytes (compressing them). An exception it raises fails the put, leaves no object and
+        propagates. Same atomicity, errors and durability as :meth:`put`.
         """
         ...
 

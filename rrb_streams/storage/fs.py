@@ -80,7 +80,7 @@ class _Put:
     """One put: queued, then taken by a worker thread, then done."""
 
     name: str
-    data: bytes
+    data: bytes | Iterable[bytes]  # an iterable: put_stream's chunks
     taken: bool = False
     done: bool = False
     error: BaseException | None = None
@@ -205,6 +205,14 @@ class FsStorage:
 
         Creates missing folders. Durable after the next :meth:`flush`.
         """
+        await self._put(name, data)
+
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        """:meth:`put` of ``chunks`` written one by one, in the worker thread that writes the
+        file."""
+        await self._put(name, chunks)
+
+    async def _put(self, name: str, data: bytes | Iterable[bytes]) -> None:
         check_name(name)
         if _is_temp(name.rpartition("/")[2]):
             raise ObjectRejected(f"{name!r}: the name looks like a temporary file")
@@ -275,7 +283,7 @@ class FsStorage:
             finally:
                 put.done = True
 
-    def _write(self, name: str, data: bytes) -> _Paths:
+    def _write(self, name: str, data: bytes | Iterable[bytes]) -> _Paths:
         # Paths as text: pathlib's parsing cost as much as the system calls of a small file.
         path = f"{self._root_text}/{name}"
         folder, _, filename = path.rpartition("/")
@@ -293,7 +301,11 @@ class FsStorage:
                 raise self._put_error(exc, name) from exc
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:  # put_stream: one chunk in memory at a time
+                    for chunk in data:
+                        f.write(chunk)
             os.replace(tmp, path)
         except BaseException as exc:
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import anyio
 
@@ -41,6 +41,10 @@ class MemoryStorage:
             bisect.insort(self._names, name)
         self.objects[name] = bytes(data)
         self.puts += 1
+
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        check_name(name)
+        await self.put(name, await anyio.to_thread.run_sync(b"".join, chunks))
 
     async def get(self, name: str) -> bytes:
         await anyio.lowlevel.checkpoint()

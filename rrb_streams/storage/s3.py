@@ -24,7 +24,7 @@ A ranged GetObject answered 416 InvalidRange (its start is at or past the end) r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -242,13 +242,60 @@ class S3Storage:
         client = await self._get_client()
         key = self.base + name
         if len(data) > self.multipart_threshold:
-            await self._put_multipart(client, name, key, data)
+            part_size = max(self.part_size, -(-len(data) // MAX_PARTS))
+
+            async def slices() -> AsyncIterator[bytes]:
+                for start in range(0, len(data), part_size):
+                    yield data[start : start + part_size]
+
+            await self._put_multipart(client, name, key, slices())
             return
         with self._translated(name):
             await client.put_object(Bucket=self.bucket, Key=key, Body=data, **self._write_args)
 
-    async def _put_multipart(self, client: S3Client, name: str, key: str, data: bytes) -> None:
-        part_size = max(self.part_size, -(-len(data) // MAX_PARTS))
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        """:meth:`put` of ``chunks``, gathered into parts of ``part_size`` as they come: one
+        part in memory at a time. What fits under ``multipart_threshold`` is one PutObject."""
+        check_name(name)
+        it = iter(chunks)
+
+        async def gather(size: int) -> tuple[bytes, bool]:
+            """Up to about ``size`` bytes of chunks, and whether ``chunks`` ended."""
+            got: list[bytes] = []
+            total = 0
+            while total < size:
+                chunk = await anyio.to_thread.run_sync(next, it, None)
+                if chunk is None:
+                    return b"".join(got), True
+                got.append(chunk)
+                total += len(chunk)
+            return b"".join(got), False
+
+        first, ended = await gather(max(self.part_size, self.multipart_threshold))
+        if ended and len(first) <= self.multipart_threshold:
+            await self.put(name, first)
+            return
+
+        # One part at a time: nothing here keeps a part once it is handed over.
+        pending: list[bytes] = [first]
+        del first
+
+        async def parts(ended: bool) -> AsyncIterator[bytes]:
+            while pending:
+                yield pending.pop()
+                if ended:
+                    return
+                part, ended = await gather(self.part_size)
+                if part:
+                    pending.append(part)
+                del part
+
+        client = await self._get_client()
+        await self._put_multipart(client, name, self.base + name, parts(ended))
+
+    async def _put_multipart(
+        self, client: S3Client, name: str, key: str, pieces: AsyncIterator[bytes]
+    ) -> None:
         with self._translated(name):
             created = await client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, **self._write_args
@@ -256,16 +303,21 @@ class S3Storage:
         upload_id = created["UploadId"]
         try:
             parts: list[dict[str, Any]] = []
-            for number, start in enumerate(range(0, len(data), part_size), start=1):
+            number = 0
+            async for piece in pieces:
+                number += 1
+                if number > MAX_PARTS:
+                    raise ObjectRejected(f"{name!r}: more than {MAX_PARTS} parts")
                 with self._translated(name):
                     uploaded = await client.upload_part(
                         Bucket=self.bucket,
                         Key=key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=data[start : start + part_size],
+                        Body=piece,
                     )
                 parts.append({"PartNumber": number, "ETag": uploaded["ETag"]})
+                del piece  # not held while the next part is gathered
             with self._translated(name):
                 await client.complete_multipart_upload(
                     Bucket=self.bucket,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SCAN_EVENT = "scan"
 
@@ -23,8 +23,7 @@ SCAN_EVENT = "scan"
 NewEntry = tuple[int, bytes, str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One parsed change-stream entry."""
 
     id: str

@@ -32,8 +32,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -74,8 +73,7 @@ def digest(rec: KeyRecord, target: bytes) -> bytes:
     return h.digest()[:DIGEST_SIZE]
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
+class Stored(NamedTuple):
     """What storage durably holds for ``key`` after a write: ``digest`` of its state, or
     ``None`` when the key was absent (its latest object deleted, or a tombstone written)."""
 
@@ -90,10 +88,13 @@ async def mark_unknown(r: Redis, own: OwnKeys, keys: Iterable[tuple[int, bytes]]
         by_db.setdefault(db, []).append(key)
     if not by_db:
         return
-    pipe = r.pipeline(transaction=False)
-    for db, fields in by_db.items():
-        pipe.hset(own.index(db), mapping=dict.fromkeys(fields, UNKNOWN))
-    await pipe.execute()
+    commands = [
+        (b"HSET", own.index(db).encode(), *[a for f in fields for a in (f, UNKNOWN)])
+        for db, fields in by_db.items()
+    ]
+    for reply in await resp.pipeline(r, commands):
+        if isinstance(reply, ResponseError):
+            raise reply
 
 
 async def indexed_dbs(r: Redis, own: OwnKeys, candidates: Iterable[int]) -> list[int]:

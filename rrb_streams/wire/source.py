@@ -19,11 +19,16 @@ from redis.exceptions import ResponseError
 
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.wire.connections import connect, ping
-from rrb_streams.wire.resp import transaction
+from rrb_streams.wire.resp import transaction_packed
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url
 
 _COMMANDS_PER_KEY = 3
+_READ_EXACT = b"".join(
+    b"*2\r\n$%d\r\n%s\r\n$%%d\r\n%%b\r\n" % (len(c), c) for c in (b"DUMP", b"PEXPIRETIME", b"TYPE")
+)
+_READ_PTTL = _READ_EXACT.replace(b"$11\r\nPEXPIRETIME", b"$4\r\nPTTL")
+_TIME = b"*1\r\n$4\r\nTIME\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,28 +92,32 @@ class Source:
         """
         if not keys:
             return []
-        expiry = b"PEXPIRETIME" if self._exact_expiry else b"PTTL"
-        commands: list[tuple[bytes, ...]] = []
-        for key in keys:
-            commands += ((b"DUMP", key), (expiry, key), (b"TYPE", key))
-        commands.append((b"TIME",))
-        replies = await transaction(self.client(db), commands)
+        # One formatting per key: the commands are the same three for every key.
+        template = _READ_EXACT if self._exact_expiry else _READ_PTTL
+        body = b"".join([template % ((len(k), k) * _COMMANDS_PER_KEY) for k in keys]) + _TIME
+        replies = await transaction_packed(self.client(db), body, len(keys) * _COMMANDS_PER_KEY + 1)
         clock = replies[-1]
         if isinstance(clock, Exception):
             raise clock
         sec, usec = clock
         read_at_us = int(sec) * 1_000_000 + int(usec)
         out: list[KeyRecord | KeyReadError] = []
-        for i, key in enumerate(keys):
-            dump, expiry, type_ = replies[i * _COMMANDS_PER_KEY : (i + 1) * _COMMANDS_PER_KEY]
-            failed = next((r for r in (dump, expiry, type_) if isinstance(r, Exception)), None)
-            if isinstance(failed, ResponseError):
+        record = self._record
+        for i, (key, dump, expiry, type_) in enumerate(
+            zip(keys, replies[0:-1:3], replies[1:-1:3], replies[2:-1:3], strict=True)
+        ):
+            if (
+                isinstance(dump, Exception)
+                or isinstance(expiry, Exception)
+                or isinstance(type_, Exception)
+            ):
+                failed = next(r for r in (dump, expiry, type_) if isinstance(r, Exception))
+                if not isinstance(failed, ResponseError):
+                    raise failed
                 out.append(KeyReadError(key, f"source refused to read the key: {failed}"))
                 continue
-            if failed is not None:
-                raise failed
             stamp = 0 if stamps is None else stamps[i]
-            out.append(self._record(db, key, entry_ids[i], read_at_us, dump, expiry, type_, stamp))
+            out.append(record(db, key, entry_ids[i], read_at_us, dump, expiry, type_, stamp))
         return out
 
     def _record(

@@ -5,6 +5,7 @@ backpressure at two segments; failures, timeouts and cancellation reaching every
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ def make_sink(
     call_timeout: float = 5.0,
     stats: UploadStats | None = None,
     metrics: UploadMetrics | None = None,
+    stream_bytes: int = 1 << 30,
 ) -> SegmentSink:
     return SegmentSink(
         storage,
@@ -128,6 +130,7 @@ def make_sink(
         stats=stats if stats is not None else UploadStats(),
         log=get_logger("upload", consumer="u1"),
         metrics=metrics,
+        stream_bytes=stream_bytes,
     )
 
 
@@ -204,6 +207,39 @@ async def test_one_write_is_one_durable_segment_of_exactly_its_records() -> None
         assert stats.segment_bytes == sum(len(d) for d in memory.objects.values())
         assert sample("rrb_upload_records_per_segment_count") == 2.0
         assert sample("rrb_upload_records_per_segment_sum") == float(len(records) + 3)
+
+
+async def test_a_large_value_is_a_streamed_segment_of_its_own() -> None:
+    memory = MemoryStorage()
+    storage = FaultyStorage(memory)
+    stats = UploadStats()
+    big = rec(2, os.urandom(5000))
+    small = [rec(1), rec(3)]
+    sink = make_sink(storage, workers=1, stats=stats, stream_bytes=4096)
+    async with running(sink):
+        with anyio.fail_after(5):
+            await sink.write([small[0], big, small[1]])
+    assert storage.calls["put"] == 2  # put_stream counts as a put in FaultyStorage
+    assert storage.calls["flush"] == 1
+    stored = segments(memory)
+    assert sorted(stored.values(), key=len) == [[big], small]
+    big_name = next(name for name, recs in stored.items() if recs == [big])
+    parsed = parse_segment_name(big_name, PREFIX)
+    assert parsed is not None and parsed.min_stamp == parsed.max_stamp == big.stamp
+    assert stats.segments == 2
+    assert stats.segment_records == 3
+    assert stats.segment_bytes == sum(len(d) for d in memory.objects.values())
+
+
+async def test_a_failed_streamed_segment_fails_its_writers() -> None:
+    memory = MemoryStorage()
+    storage = FaultyStorage(memory)
+    storage.fail_next(1, "put")
+    sink = make_sink(storage, workers=1, stream_bytes=4096)
+    async with running(sink):
+        with anyio.fail_after(5), pytest.raises(StorageUnavailable):
+            await sink.write([rec(1), rec(2, os.urandom(5000))])
+    assert memory.objects == {}
 
 
 async def test_empty_write_returns_at_once_and_writes_nothing() -> None:
@@ -289,6 +325,43 @@ async def test_fewer_writers_than_workers_do_not_write_early() -> None:
         c = spawn(rig.tg, sink, [rec(3)])  # the last worker arrives
         await finish(a, b, c, within=2.0)
         assert list(segments(memory).values()) == [[rec(1), rec(2), rec(3)]]
+
+
+async def test_the_end_of_a_backlog_is_written_once_its_busy_workers_wait() -> None:
+    """After a segment every worker waited on (a backlog), the next goes as soon as every
+    worker holding a batch waits, not an interval later; the one after that waits again."""
+    memory = MemoryStorage()
+    sink = make_sink(memory, interval=30.0, workers=3)
+    async with running(sink) as rig:
+        for _ in range(3):
+            sink.batch_started()
+        backlog = [spawn(rig.tg, sink, [rec(i)]) for i in (1, 2, 3)]
+        await finish(*backlog, within=2.0)
+        sink.batch_ended()  # two workers found the stream empty
+        sink.batch_ended()
+        tail = spawn(rig.tg, sink, [rec(4)])  # the one still busy
+        await finish(tail, within=2.0)
+        assert list(segments(memory).values()) == [[rec(1), rec(2), rec(3)], [rec(4)]]
+        sink.batch_ended()
+        # A trickle after the backlog: one busy worker, but back to the interval.
+        sink.batch_started()
+        trickle = spawn(rig.tg, sink, [rec(5)])
+        await anyio.wait_all_tasks_blocked()
+        await anyio.sleep(0.2)
+        assert not trickle.done
+        assert len(memory.objects) == 2
+
+
+async def test_busy_workers_alone_wait_out_the_interval_without_a_backlog() -> None:
+    memory = MemoryStorage()
+    sink = make_sink(memory, interval=30.0, workers=3)
+    async with running(sink) as rig:
+        sink.batch_started()
+        w = spawn(rig.tg, sink, [rec(1)])
+        await anyio.wait_all_tasks_blocked()
+        await anyio.sleep(0.2)
+        assert not w.done
+        assert memory.objects == {}
 
 
 async def test_max_bytes_cuts_segments() -> None:

@@ -6,7 +6,7 @@ Backends: memory, the filesystem (a tmp folder), and S3 on a moto server over HT
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -346,3 +346,60 @@ async def test_description_is_a_safe_location(storage: Storage) -> None:
     assert storage.description.split("://")[0] in ("memory", "file", "s3")
     assert S3_SECRET_KEY not in storage.description
     assert S3_SECRET_KEY not in repr(storage)
+
+
+# --- put_stream ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[], [b""], [b"one"], [b"a", b"", b"bc", os.urandom(300_000)]],
+    ids=["none", "empty", "one", "several"],
+)
+async def test_put_stream_stores_the_chunks_joined(storage: Storage, chunks: list[bytes]) -> None:
+    await storage.put_stream("dir/obj", iter(chunks))
+    await storage.flush()
+    data = b"".join(chunks)
+    assert await storage.get("dir/obj") == data
+    assert await listed(storage) == [ObjectInfo("dir/obj", len(data))]
+
+
+async def test_put_stream_iterates_the_chunks_once_and_off_the_event_loop(
+    storage: Storage,
+) -> None:
+    """The chunks may do blocking work (compression): they run in a worker thread."""
+    import threading
+
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(3):
+            threads.append(threading.get_ident())
+            yield b"%d" % i
+
+    await storage.put_stream("k", chunks())
+    assert await storage.get("k") == b"012"
+    assert len(threads) == 3
+    assert loop_thread not in threads
+
+
+async def test_put_stream_whose_chunks_fail_leaves_no_object(storage: Storage) -> None:
+    await storage.put("keep", b"old")
+
+    def chunks() -> Iterator[bytes]:
+        yield b"first part"
+        raise ValueError("the encoder gave up")
+
+    for name in ("keep", "new"):
+        with pytest.raises(ValueError, match="the encoder gave up"):
+            await storage.put_stream(name, chunks())
+    assert await storage.get("keep") == b"old"
+    with pytest.raises(ObjectNotFound):
+        await storage.get("new")
+    assert [i.name for i in await listed(storage)] == ["keep"]
+
+
+async def test_put_stream_refuses_invalid_names(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        await storage.put_stream("../x", iter([b"v"]))

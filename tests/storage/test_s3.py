@@ -405,3 +405,59 @@ def test_s3_refuses_parts_smaller_than_s3_allows() -> None:
         S3Storage("bkt", part_size=1024)
     with pytest.raises(ValueError, match="page_size"):
         S3Storage("bkt", page_size=0)
+
+
+async def test_s3_put_stream_sends_parts_as_they_fill(
+    storage: S3Storage, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 MiB in 1 MiB chunks: three parts, each uploaded before the next is gathered, so no
+    more than a part (and a chunk) is ever held."""
+    chunk = os.urandom(1024 * 1024)
+    client: Any = await storage._get_client()
+    real = client.upload_part
+    pulled = 0
+    pulled_at_part: list[int] = []
+
+    async def watched_upload_part(**kwargs: Any) -> Any:
+        pulled_at_part.append(pulled)
+        return await real(**kwargs)
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal pulled
+        for _ in range(20):
+            pulled += 1
+            yield chunk
+
+    monkeypatch.setattr(client, "upload_part", watched_upload_part)
+    await storage.put_stream("big", chunks())
+    assert await storage.get("big") == chunk * 20
+    head = boto_client(storage.endpoint_url or "").head_object(Bucket=s3_bucket, Key=BASE + "big")
+    assert head["ETag"].strip('"').endswith("-3")  # 8 + 8 + 4 MiB
+    assert pulled_at_part == [8, 16, 20]
+
+
+async def test_s3_put_stream_below_the_threshold_is_one_put_object(
+    storage: S3Storage, s3_bucket: str
+) -> None:
+    await storage.put_stream("small", iter([b"a" * 1000, b"b" * 1000]))
+    head = boto_client(storage.endpoint_url or "").head_object(
+        Bucket=s3_bucket, Key=BASE + "small"
+    )
+    assert "-" not in head["ETag"]
+    assert await storage.get("small") == b"a" * 1000 + b"b" * 1000
+
+
+async def test_s3_put_stream_whose_chunks_fail_aborts_the_upload(
+    storage: S3Storage, s3_bucket: str
+) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(12):
+            yield os.urandom(1024 * 1024)
+        raise ValueError("the encoder gave up")
+
+    with pytest.raises(ValueError, match="the encoder gave up"):
+        await storage.put_stream("big", chunks())
+    uploads = boto_client(storage.endpoint_url or "").list_multipart_uploads(Bucket=s3_bucket)
+    assert uploads.get("Uploads", []) == []
+    with pytest.raises(ObjectNotFound):
+        await storage.get("big")

@@ -25,7 +25,7 @@ testable.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Literal
 
 import anyio
@@ -109,6 +109,10 @@ class FaultyStorage:
     async def put(self, name: str, data: bytes) -> None:
         await self._enter("put", name)
         await self.inner.put(name, data)
+
+    async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
+        await self._enter("put", name)
+        await self.inner.put_stream(name, chunks)
 
     async def get(self, name: str) -> bytes:
         await self._enter("get", name)
