@@ -18,24 +18,13 @@ from rrb_streams.format.segment import (
     read_footer,
 )
 from rrb_streams.storage.memory import MemoryStorage
+from tests.format.test_segment import record as segment_record
 
 pytestmark = pytest.mark.anyio
 
 
 def record(key: bytes = b"big", payload: bytes = b"", **changes: object) -> KeyRecord:
-    fields: dict[str, object] = {
-        "key": key,
-        "db": 3,
-        "type": "string",
-        "expire_at_ms": 1_900_000_000_123,
-        "read_at_us": 1_700_000_000_000_001,
-        "entry_id": "1700000000000-7",
-        "redis_version": "7.0.15",
-        "payload": payload,
-        "stamp": 1_700_000_000_000_500,
-    }
-    fields.update(changes)
-    return KeyRecord(**fields)  # type: ignore[arg-type]
+    return segment_record(key=key, payload=payload, **changes)
 
 
 # Incompressible and compressible halves: the frame's pieces then vary in size.
