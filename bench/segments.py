@@ -66,7 +66,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import median, percentile, rss_mb
 from bench.common import redis as start_redis
 from bench.restore import raw_gets, redis_cli_pipe, start_moto
-from rrb_streams.format import segment
+from rrb_streams.format import builder, segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.wire import resp
 from rrb_streams.wire.keys import OwnKeys
@@ -393,7 +393,7 @@ def make_segments(
                 for at in range(0, len(keys), 1000):
                     records += read_records(c, keys[at : at + 1000], version, stamp)
                     stamp += 1000
-                data = segment.encode_segment(records)
+                data = builder.encode_segment(records)
                 name = segment.segment_name(
                     "", 0, records[0].stamp, records[-1].stamp, segment.new_uid()
                 )

@@ -11,6 +11,7 @@ they happen, raised ``from`` the original so ``--debug`` can show the cause.
     │   └── NotificationsRefused CONFIG SET refused; the message names the setting to add.
     ├── StorageError             a storage call failed
     │   ├── ObjectNotFound       get() of a name that does not exist
+    │   ├── ObjectExists         put_new() of a name that is taken
     │   ├── StorageUnavailable   transient: connection, timeout, 5xx, throttling. Retry.
     │   └── ObjectRejected       permanent for this one object. Retrying will not help.
     └── CorruptObject            an object failed its checksum, is truncated, or is not ours
@@ -41,6 +42,10 @@ class StorageError(RrbError):
 
 class ObjectNotFound(StorageError):
     """The named object does not exist."""
+
+
+class ObjectExists(StorageError):
+    """``put_new`` found the name taken: another writer created it first."""
 
 
 class StorageUnavailable(StorageError):

@@ -46,9 +46,10 @@ from anyio.abc import TaskStatus
 
 from rrb_streams.backup.metrics import UploadMetrics, UploadStats
 from rrb_streams.errors import ObjectRejected, StorageUnavailable
+from rrb_streams.format.builder import encode_segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.large import encode_segment_stream
-from rrb_streams.format.segment import encode_segment, new_uid, segment_name
+from rrb_streams.format.segment import new_uid, segment_name
 from rrb_streams.storage.base import Storage
 
 LEVEL = 0  # what uploaders write; compaction writes the levels above

@@ -41,7 +41,6 @@ import operator
 import re
 import secrets
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import zstandard
@@ -194,80 +193,6 @@ def _index_entry(info: BlockInfo) -> bytes:
             ),
         )
     )
-
-
-def encode_segment(
-    records: Iterable[KeyRecord],
-    *,
-    level: int = 3,
-    block_records: int = 500,
-    block_bytes: int = 256 * 1024,
-) -> bytes:
-    """Sort ``records``, cut them into blocks, and serialise the whole object.
-
-    Raises ``ValueError`` when there are no records or a field does not fit the format.
-    """
-    if block_records < 1 or block_bytes < 1:
-        raise ValueError("block_records and block_bytes must be positive")
-    ordered = sorted(records, key=_ORDER)
-    if not ordered:
-        raise ValueError("a segment needs at least one record")
-    # One compressor per call: zstandard's objects are not safe to share between threads.
-    compress = zstandard.ZstdCompressor(level=level).compress
-    out: list[bytes] = [HEADER]
-    infos: list[BlockInfo] = []
-    offset = HEADER_SIZE
-    members: list[KeyRecord] = []
-    parts: list[bytes] = []
-    size = 0
-
-    def close() -> None:
-        nonlocal offset, size
-        raw = b"".join(parts)
-        if len(raw) > 0xFFFFFFFF:
-            raise ValueError(f"a record of {len(raw)} bytes does not fit a block")
-        block = compress(raw)
-        first, last = members[0], members[-1]
-        infos.append(
-            BlockInfo(
-                offset=offset,
-                length=len(block),
-                raw_length=len(raw),
-                count=len(members),
-                first=(first.db, first.key),
-                last=(last.db, last.key),
-                min_read_at_us=min(r.read_at_us for r in members),
-                max_read_at_us=max(r.read_at_us for r in members),
-                min_stamp=min(r.stamp for r in members),
-                max_stamp=max(r.stamp for r in members),
-                checksum=hashlib.sha256(block).digest(),
-            )
-        )
-        out.append(block)
-        offset += len(block)
-        members.clear()
-        parts.clear()
-        size = 0
-
-    for rec in ordered:
-        rec_parts = record_parts(rec)
-        rec_size = sum(map(len, rec_parts))
-        if members and size + rec_size > block_bytes:
-            close()  # keeps an oversized record out of a block of small ones
-        members.append(rec)
-        parts += rec_parts
-        size += rec_size
-        if len(members) >= block_records or size >= block_bytes:
-            close()
-    if members:
-        close()
-
-    out += footer_bytes(infos, offset)
-    h = hashlib.sha256()
-    for part in out:
-        h.update(part)
-    out += (h.digest(), TRAILER_MAGIC)
-    return b"".join(out)
 
 
 def footer_bytes(infos: list[BlockInfo], index_offset: int) -> tuple[bytes, bytes]:

@@ -52,6 +52,14 @@ class TimedStorage:
             self._put.observe(time.perf_counter() - started)
         self._bytes.inc(len(data))
 
+    async def put_new(self, name: str, data: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.put_new(name, data)
+        finally:
+            self._put.observe(time.perf_counter() - started)
+        self._bytes.inc(len(data))
+
     async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
         size = 0
 

@@ -63,6 +63,15 @@ class Storage(Protocol):
         """
         ...
 
+    async def put_new(self, name: str, data: bytes) -> None:
+        """:meth:`put` that never replaces: raises ``ObjectExists`` when ``name`` is taken,
+        whoever took it (S3: ``If-None-Match: *``; a file: a hard link, which fails when the
+        name exists). Of two writers of one name exactly one succeeds, so a sequence number
+        in the name is a commit point. A retry after a lost reply may find its own object:
+        callers compare the stored bytes.
+        """
+        ...
+
     async def get(self, name: str) -> bytes:
         """Return the object's bytes. Raises ``ObjectNotFound`` naming it when absent."""
         ...

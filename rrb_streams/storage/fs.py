@@ -50,6 +50,7 @@ import anyio.to_thread
 
 from rrb_streams.errors import (
     DependencyError,
+    ObjectExists,
     ObjectNotFound,
     ObjectRejected,
     RrbError,
@@ -81,6 +82,7 @@ class _Put:
 
     name: str
     data: bytes | Iterable[bytes]  # an iterable: put_stream's chunks
+    exclusive: bool = False  # put_new: fail rather than replace
     taken: bool = False
     done: bool = False
     error: BaseException | None = None
@@ -212,11 +214,15 @@ class FsStorage:
         file."""
         await self._put(name, chunks)
 
-    async def _put(self, name: str, data: bytes | Iterable[bytes]) -> None:
+    async def put_new(self, name: str, data: bytes) -> None:
+        """:meth:`put` through a hard link instead of a rename: it fails when the name exists."""
+        await self._put(name, data, exclusive=True)
+
+    async def _put(self, name: str, data: bytes | Iterable[bytes], exclusive: bool = False) -> None:
         check_name(name)
         if _is_temp(name.rpartition("/")[2]):
             raise ObjectRejected(f"{name!r}: the name looks like a temporary file")
-        put = _Put(name, data)
+        put = _Put(name, data, exclusive)
         self._queue.append(put)
         try:
             while not put.done:
@@ -275,7 +281,7 @@ class FsStorage:
                 put = self._queue.popleft()
                 put.taken = True
             try:
-                put.changed = self._write(put.name, put.data)
+                put.changed = self._write(put.name, put.data, put.exclusive)
             except BaseException as exc:
                 put.error = exc
                 if not isinstance(exc, Exception):
@@ -283,7 +289,7 @@ class FsStorage:
             finally:
                 put.done = True
 
-    def _write(self, name: str, data: bytes | Iterable[bytes]) -> _Paths:
+    def _write(self, name: str, data: bytes | Iterable[bytes], exclusive: bool) -> _Paths:
         # Paths as text: pathlib's parsing cost as much as the system calls of a small file.
         path = f"{self._root_text}/{name}"
         folder, _, filename = path.rpartition("/")
@@ -306,7 +312,14 @@ class FsStorage:
                 else:  # put_stream: one chunk in memory at a time
                     for chunk in data:
                         f.write(chunk)
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectExists(f"{name!r} exists in {self.description}") from None
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException as exc:
             try:
                 os.unlink(tmp)

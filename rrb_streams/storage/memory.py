@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import anyio
 
-from rrb_streams.errors import ObjectNotFound
+from rrb_streams.errors import ObjectExists, ObjectNotFound
 from rrb_streams.storage.base import (
     ObjectInfo,
     Storage,
@@ -41,6 +41,12 @@ class MemoryStorage:
             bisect.insort(self._names, name)
         self.objects[name] = bytes(data)
         self.puts += 1
+
+    async def put_new(self, name: str, data: bytes) -> None:
+        check_name(name)
+        if name in self.objects:
+            raise ObjectExists(f"an object named {name!r} exists in memory://")
+        await self.put(name, data)
 
     async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
         check_name(name)

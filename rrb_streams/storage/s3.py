@@ -41,6 +41,7 @@ from botocore.exceptions import (
 
 from rrb_streams.errors import (
     DependencyError,
+    ObjectExists,
     ObjectNotFound,
     ObjectRejected,
     RrbError,
@@ -253,6 +254,19 @@ class S3Storage:
         with self._translated(name):
             await client.put_object(Bucket=self.bucket, Key=key, Body=data, **self._write_args)
 
+    async def put_new(self, name: str, data: bytes) -> None:
+        """One PutObject with ``If-None-Match: *``: S3 answers 412 when the name is taken."""
+        check_name(name)
+        client = await self._get_client()
+        with self._translated(name):
+            await client.put_object(
+                Bucket=self.bucket,
+                Key=self.base + name,
+                Body=data,
+                IfNoneMatch="*",
+                **self._write_args,
+            )
+
     async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
         """:meth:`put` of ``chunks``, gathered into parts of ``part_size`` as they come: one
         part in memory at a time. What fits under ``multipart_threshold`` is one PutObject."""
@@ -446,6 +460,8 @@ class S3Storage:
                 f"credentials were refused for bucket {self.bucket!r} at {self._endpoint} "
                 f"({code or status}: {message})"
             )
+        if (code == "PreconditionFailed" or status == 412) and name is not None:
+            return ObjectExists(f"an object named {name!r} exists in {self.description}")
         if code in ("NoSuchKey", "NotFound", "404") and name is not None:
             return ObjectNotFound(f"no object named {name!r} in {self.description}")
         if code in _TRANSIENT or status >= 500 or status == 429:

@@ -20,8 +20,9 @@ from structlog.testing import capture_logs
 from rrb_streams.backup.metrics import UploadMetrics, UploadStats
 from rrb_streams.backup.segments import SegmentSink
 from rrb_streams.errors import CorruptObject, ObjectRejected, StorageUnavailable
+from rrb_streams.format.builder import encode_segment
 from rrb_streams.format.codec import KeyRecord
-from rrb_streams.format.segment import decode_segment, encode_segment, parse_segment_name
+from rrb_streams.format.segment import decode_segment, parse_segment_name
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.storage.base import Storage

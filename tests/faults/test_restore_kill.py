@@ -13,7 +13,7 @@ import anyio
 import pytest
 import redis
 
-from rrb_streams.format import codec, layout, segment
+from rrb_streams.format import builder, codec, layout, segment
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.wire.source import Source
 from tests.support.dataset import snapshot
@@ -62,7 +62,7 @@ async def back_up(source: RedisServer, folder: Path, layout_name: str = "keys") 
             if layout_name == "segments":
                 recs = [replace(r, stamp=i + 1) for r in records if isinstance(r, codec.KeyRecord)]
                 name = segment.segment_name("", 0, i + 1, i + 1, segment.new_uid())
-                await storage.put(name, segment.encode_segment(recs))
+                await storage.put(name, builder.encode_segment(recs))
                 continue
             for rec in records:
                 assert isinstance(rec, codec.KeyRecord)

@@ -8,13 +8,13 @@ import os
 import pytest
 
 from rrb_streams.errors import CorruptObject, ObjectNotFound
+from rrb_streams.format.builder import encode_segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.large import encode_segment_stream, read_large_block
 from rrb_streams.format.segment import (
     HEADER_SIZE,
     decode_block,
     decode_segment,
-    encode_segment,
     read_footer,
 )
 from rrb_streams.storage.memory import MemoryStorage

@@ -20,6 +20,7 @@ import pytest
 
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import codec
+from rrb_streams.format.builder import encode_segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import latest_name
 from rrb_streams.format.ranges import (
@@ -44,7 +45,6 @@ from rrb_streams.format.segment import (
     TRAILER_SIZE,
     BlockInfo,
     decode_segment,
-    encode_segment,
     read_footer,
     segment_name,
 )

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 from rrb_streams.errors import CorruptObject
+from rrb_streams.format.builder import encode_segment
 from rrb_streams.format.codec import MAGIC, KeyRecord, decode, encode
 from rrb_streams.format.layout import latest_name, version_name
 from rrb_streams.format.segment import (
@@ -26,7 +27,6 @@ from rrb_streams.format.segment import (
     SegmentName,
     decode_block,
     decode_segment,
-    encode_segment,
     is_segment,
     new_uid,
     newer,

@@ -380,11 +380,11 @@ def block_write_of(
     entered, release = threading.Event(), threading.Event()
     real = storage._write
 
-    def write(n: str, data: bytes) -> Any:
+    def write(n: str, data: bytes, exclusive: bool) -> Any:
         if n == name:
             entered.set()
             release.wait(10)
-        return real(n, data)
+        return real(n, data, exclusive)
 
     monkeypatch.setattr(storage, "_write", write)
     return entered, release

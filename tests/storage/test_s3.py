@@ -440,9 +440,7 @@ async def test_s3_put_stream_below_the_threshold_is_one_put_object(
     storage: S3Storage, s3_bucket: str
 ) -> None:
     await storage.put_stream("small", iter([b"a" * 1000, b"b" * 1000]))
-    head = boto_client(storage.endpoint_url or "").head_object(
-        Bucket=s3_bucket, Key=BASE + "small"
-    )
+    head = boto_client(storage.endpoint_url or "").head_object(Bucket=s3_bucket, Key=BASE + "small")
     assert "-" not in head["ETag"]
     assert await storage.get("small") == b"a" * 1000 + b"b" * 1000
 

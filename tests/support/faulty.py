@@ -110,6 +110,10 @@ class FaultyStorage:
         await self._enter("put", name)
         await self.inner.put(name, data)
 
+    async def put_new(self, name: str, data: bytes) -> None:
+        await self._enter("put", name)
+        await self.inner.put_new(name, data)
+
     async def put_stream(self, name: str, chunks: Iterable[bytes]) -> None:
         await self._enter("put", name)
         await self.inner.put_stream(name, chunks)

@@ -12,7 +12,7 @@ import anyio
 import redis
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.format import codec, layout, segment
+from rrb_streams.format import builder, codec, layout, segment
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.restore.run import Report, Restorer
 from rrb_streams.storage.base import Storage
@@ -196,6 +196,6 @@ async def put_segment(
     passes block sizes to :func:`encode_segment`. Returns the object name."""
     stamps = [r.stamp for r in records]
     name = segment.segment_name(prefix, 0, min(stamps), max(stamps), segment.new_uid())
-    await storage.put(name, segment.encode_segment(records, **encode))
+    await storage.put(name, builder.encode_segment(records, **encode))
     await storage.flush()
     return name
