@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError
 
 from rrb_streams.errors import (
     DependencyError,
+    ObjectExists,
     ObjectNotFound,
     ObjectRejected,
     StorageUnavailable,
@@ -361,7 +362,7 @@ async def test_s3_get_range_of_an_unreachable_endpoint_is_transient() -> None:
         (400, "RequestTimeout", StorageUnavailable, "unavailable"),
         (400, "InvalidArgument", ObjectRejected, "'k'.*rejected"),
         (400, "EntityTooLarge", ObjectRejected, "rejected"),
-        (412, "PreconditionFailed", ObjectRejected, "rejected"),
+        (412, "PreconditionFailed", ObjectExists, "'k' exists"),
     ],
 )
 async def test_s3_errors_are_translated(
