@@ -12,7 +12,8 @@ a layer must not import each other):
  4    ``config``, ``attime``, ``service``,            settings, times, running components,
       ``retrying``                                    backoff
  5    ``ops``                                         endpoints, status, progress
- 6    ``backup``, ``restore``, ``verify``             the three flows, independent
+ 6    ``backup``, ``restore``, ``verify``,            the four flows, independent
+      ``compact``
  7    ``cli``                                         the commands: may import anything
 ====  =============================================  ======================================
 """
@@ -35,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("wire",),
     ("config", "attime", "service", "retrying"),
     ("ops",),
-    ("backup", "restore", "verify"),
+    ("backup", "restore", "verify", "compact"),
     ("cli",),
 ]
 

@@ -79,29 +79,21 @@ class SegmentBuilder:
         """Bytes of the object so far: compressed blocks, plus the open block's raw bytes."""
         return self._offset + self._size
 
-    @property
-    def last(self) -> KeyRecord | None:
-        """The record added last."""
-        return self._members[-1] if self._members else self._last
-
-    _last: KeyRecord | None = None
-
     def add(self, rec: KeyRecord) -> None:
         rec_parts = record_parts(rec)
         rec_size = sum(map(len, rec_parts))
         if self._members and self._size + rec_size > self._block_bytes:
-            self._close()  # keeps an oversized record out of a block of small ones
+            self.close_block()  # keeps an oversized record out of a block of small ones
         self._members.append(rec)
         self._parts += rec_parts
         self._size += rec_size
         self.records += 1
         if len(self._members) >= self._block_records or self._size >= self._block_bytes:
-            self._close()
+            self.close_block()
 
     def finish(self) -> bytes:
         """The whole object. The builder is spent afterwards."""
-        if self._members:
-            self._close()
+        self.close_block()
         if not self._infos:
             raise ValueError("a segment needs at least one record")
         out = self._out
@@ -119,8 +111,11 @@ class SegmentBuilder:
         """The blocks closed so far."""
         return tuple(self._infos)
 
-    def _close(self) -> None:
+    def close_block(self) -> None:
+        """Compress the records added since the last block into one (none: nothing)."""
         members = self._members
+        if not members:
+            return
         raw = b"".join(self._parts)
         if len(raw) > 0xFFFFFFFF:
             raise ValueError(f"a record of {len(raw)} bytes does not fit a block")
@@ -143,7 +138,6 @@ class SegmentBuilder:
         )
         self._out.append(block)
         self._offset += len(block)
-        self._last = last
         self._members = []
         self._parts = []
         self._size = 0

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -43,10 +43,9 @@ from rrb_streams.format.segment import (
     NeedMore,
     decode_block,
     newer,
-    parse_segment_name,
     read_footer,
-    segments_prefix,
 )
+from rrb_streams.format.view import read_view
 from rrb_streams.storage.base import ObjectInfo, Storage
 
 Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
@@ -55,6 +54,7 @@ DEFAULT_BUDGET = 4 << 20  # bytes of records a range decodes, about: some 50,000
 _FOOTER_READERS = 8  # segments whose index is fetched at once
 _BLOCK_READERS = 4  # runs of blocks of one range fetched at once
 _RUN_BYTES = 1 << 20  # stored bytes one ranged GET fetches at most: memory, not requests
+_REPLANS = 3  # fresh plans of a range whose objects were compacted away while it was read
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
 
 
@@ -134,6 +134,7 @@ class RangeRead:
     damaged: list[Damage] = field(default_factory=list)
     undecided: list[Key] = field(default_factory=list)  # keys a damaged block may have held
     fetched: int = 0  # compressed bytes
+    gone: bool = False  # an object was deleted since the plan: compaction replaced it
 
     def covering(self, key: Key, stamp: int = 0) -> Damage | None:
         """The damage that leaves ``key`` (newest known at ``stamp``) undecided, if any."""
@@ -145,13 +146,6 @@ class FooterStats:
     segments: int = 0
     blocks: int = 0
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (object, reason)
-
-
-async def list_segments(storage: Storage, prefix: str) -> AsyncIterator[ObjectInfo]:
-    """Every segment object under ``prefix``, every level, in name order."""
-    async for info in storage.list(segments_prefix(prefix)):
-        if parse_segment_name(info.name, prefix) is not None:
-            yield info
 
 
 async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
@@ -172,10 +166,23 @@ async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
             want = more.needed
 
 
-async def read_footers(storage: Storage, prefix: str, *, stats: FooterStats) -> list[BlockRef]:
-    """The blocks of every segment under ``prefix``. A segment whose index is damaged is
-    counted in ``stats.damaged`` and left out; one deleted since the listing is skipped."""
-    infos = [info async for info in list_segments(storage, prefix)]
+async def read_footers(
+    storage: Storage, prefix: str, *, stats: FooterStats, at_us: int | None = None
+) -> list[BlockRef]:
+    """The blocks of every segment a reader for ``at_us`` needs under ``prefix``: those the
+    manifest names for that moment plus level 0 (:func:`read_view`). A segment whose index is
+    damaged is counted in ``stats.damaged`` and left out; one deleted since is skipped.
+
+    Raises ``BeforeRetention`` for an ``at_us`` older than what retention kept.
+    """
+    view = await read_view(storage, prefix, at_us=at_us)
+    return await footers_of(storage, view.objects, stats=stats)
+
+
+async def footers_of(
+    storage: Storage, infos: Sequence[ObjectInfo], *, stats: FooterStats
+) -> list[BlockRef]:
+    """The blocks of the segments ``infos``, as :func:`read_footers` counts them."""
     blocks: list[BlockRef] = []
     limiter = anyio.CapacityLimiter(_FOOTER_READERS)
 
@@ -288,6 +295,7 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
                 data = await storage.get_range(name, start, _run_end(run) - start)
             except ObjectNotFound as exc:
                 out.damaged += [_damage(ref, f"{name}: gone from storage ({exc})") for ref in run]
+                out.gone = True
                 return
             out.fetched += len(data)
             for ref in run:
@@ -310,6 +318,7 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
             records = await read_large_block(storage, ref.name, ref.info)
         except ObjectNotFound as exc:
             out.damaged.append(_damage(ref, f"{ref.name}: gone from storage ({exc})"))
+            out.gone = True
             return
         except CorruptObject as exc:
             out.damaged.append(_damage(ref, str(exc)))
@@ -329,6 +338,28 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
     return out
 
 
+async def read_range_fresh(
+    storage: Storage, prefix: str, rng: Range, *, at_us: int | None = None
+) -> RangeRead:
+    """:func:`read_range`, planned again from a fresh view when an object of the plan was
+    deleted meanwhile. Compaction deletes an object only after its records are in objects
+    the newest manifest names, so the fresh plan finds them; only an object that stays gone
+    after :data:`_REPLANS` fresh plans is reported as damage."""
+    read = await read_range(storage, rng, at_us=at_us)
+    for _ in range(_REPLANS):
+        if not read.gone:
+            break
+        blocks = await read_footers(storage, prefix, stats=FooterStats(), at_us=at_us)
+        lo, hi = rng.lo, rng.hi
+        mine = tuple(
+            b
+            for b in blocks
+            if (lo is None or b.info.last >= lo) and (hi is None or b.info.first < hi)
+        )
+        read = await read_range(storage, replace(rng, blocks=mine), at_us=at_us)
+    return read
+
+
 class SegmentIndex:
     """The block indexes of a prefix's segments, kept between looks: segments never change
     once written, so a fresh look fetches only the indexes of segments new since the last.
@@ -343,9 +374,8 @@ class SegmentIndex:
 
     async def refresh(self) -> None:
         """List the segments again; fetch the indexes of new ones, forget deleted ones."""
-        names: dict[str, ObjectInfo] = {}
-        async for info in list_segments(self._storage, self._prefix):
-            names[info.name] = info
+        view = await read_view(self._storage, self._prefix)
+        names = {info.name: info for info in view.objects}
         for name in [n for n in self._footers if n not in names]:
             del self._footers[name]
         for name, info in names.items():
@@ -367,7 +397,8 @@ class SegmentIndex:
             )
             if not blocks:
                 continue
-            one = await read_range(self._storage, Range(key, (key[0], key[1] + b"\x00"), blocks))
+            rng = Range(key, (key[0], key[1] + b"\x00"), blocks)
+            one = await read_range_fresh(self._storage, self._prefix, rng)
             out.winners.update(one.winners)
             out.damaged += one.damaged
             out.undecided += one.undecided

@@ -81,7 +81,7 @@ class Planner:
         """The segment layout: every segment's block index, cut into key ranges."""
         cfg, state = self._cfg, self._state
         footers = FooterStats()
-        blocks = await read_footers(self._storage, cfg.path_prefix, stats=footers)
+        blocks = await read_footers(self._storage, cfg.path_prefix, stats=footers, at_us=cfg.at_us)
         for name, reason in footers.damaged:
             self._log.error("restore.segment_damaged", object=name, reason=reason)
         ranges = plan_ranges(blocks, budget=cfg.range_bytes, at_us=cfg.at_us, db=cfg.db)
@@ -247,7 +247,7 @@ async def preview(
     out = Preview(stats)
     if not cfg.legacy:
         footers = FooterStats()
-        blocks = await read_footers(storage, cfg.path_prefix, stats=footers)
+        blocks = await read_footers(storage, cfg.path_prefix, stats=footers, at_us=cfg.at_us)
         ranges = plan_ranges(blocks, budget=cfg.range_bytes, at_us=cfg.at_us, db=cfg.db)
         out.segments, out.damaged = footers.segments, len(footers.damaged)
         out.records = sum(r.records for r in ranges)

@@ -44,7 +44,7 @@ from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
 from rrb_streams.format.layout import key_hash
 from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
-from rrb_streams.format.ranges import Key, Range, prefer_keys_layout, read_range
+from rrb_streams.format.ranges import Key, Range, prefer_keys_layout, read_range_fresh
 from rrb_streams.logs import show_key
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import resp
@@ -179,7 +179,7 @@ class Writer:
         packed in one go per db and a reply of OK costs a counter, not an object.
         """
         cfg = self._cfg
-        read = await read_range(self._storage, rng, at_us=cfg.at_us)
+        read = await read_range_fresh(self._storage, cfg.path_prefix, rng, at_us=cfg.at_us)
         tally = Tally()
         for d in read.damaged:
             tally.add(self._failed(f"{d.name}@{d.block}", d.reason))

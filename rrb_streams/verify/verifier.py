@@ -67,7 +67,7 @@ from rrb_streams.format.ranges import (
     plan_ranges,
     prefer_keys_layout,
     read_footers,
-    read_range,
+    read_range_fresh,
 )
 from rrb_streams.format.selection import Item, PlanStats, has_keys_layout, select
 from rrb_streams.logs import get_logger, show_key
@@ -235,7 +235,7 @@ class Verifier:
         done = 0
         try:
             for rng in ranges:
-                read = await read_range(self.storage, rng)
+                read = await read_range_fresh(self.storage, prefix, rng)
                 # A damaged block is not a difference of its own: each key it leaves undecided
                 # counts (stale), and a key only it held shows as missing in the source pass.
                 for d in read.damaged:

@@ -31,7 +31,6 @@ from rrb_streams.format.ranges import (
     Range,
     RangeRead,
     SegmentIndex,
-    list_segments,
     plan_ranges,
     prefer_keys_layout,
     range_key_in,
@@ -48,6 +47,7 @@ from rrb_streams.format.segment import (
     read_footer,
     segment_name,
 )
+from rrb_streams.format.view import list_segments
 from rrb_streams.storage.base import ObjectInfo, Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from rrb_streams.format import codec, layout, segment
-from rrb_streams.format.ranges import list_segments
+from rrb_streams.format.view import list_segments
 from rrb_streams.storage.base import Storage
 
 Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]
