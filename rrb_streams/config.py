@@ -174,6 +174,61 @@ class UploadConfig(_SourceStream, _Masked):
         return self
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """``90``, ``90s``, ``15m``, ``24h``, ``7d`` or ``2w`` as seconds; ``ConfigError`` naming
+    ``flag`` otherwise (empty, negative, not a number, an unknown unit)."""
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else "s"
+    number = raw[:-1] if raw[-1:] in _UNITS else raw
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"invalid {flag} {text!r}: expected a duration such as 90s, 15m, 24h or 7d"
+        )
+    return value
+
+
+@dataclass(frozen=True, repr=False)
+class CompactConfig(_OwnKeys, _Masked):
+    """Settings of compaction: ``rrb-compact``, and the automatic compaction of ``rrb`` and
+    ``rrb-upload``. ``stream_url`` is the Redis that holds the compaction lease."""
+
+    stream_url: str
+    path_prefix: str = ""
+    own_prefix: str = DEFAULT_OWN_PREFIX
+    retention: float = 86400.0  # seconds of history every --at moment of which is exact
+    level1_every: float = 300.0
+    level2_every: float = 3600.0
+    snapshot_every: float = 86400.0
+    grace: float = 600.0  # seconds a retired object stays readable before it is deleted
+    lease: float = 120.0  # seconds the compaction lease lasts unless renewed
+    enabled: bool = True  # rrb, rrb-upload: --no-compaction turns it off
+    snapshot_now: bool = False  # rrb-compact --snapshot
+    as_json: bool = False
+    tls: TlsOptions = NO_TLS
+
+    def validate(self) -> CompactConfig:
+        validate_url(self.stream_url, "stream Redis URL")
+        self.tls.validate((self.stream_url,))
+        object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
+        for name in ("retention", "level1_every", "level2_every", "snapshot_every", "lease"):
+            _positive(name, getattr(self, name))
+        if self.grace < 0:
+            raise ConfigError(f"invalid --compaction-grace {self.grace!r}: must not be negative")
+        if self.snapshot_every < self.level1_every:
+            raise ConfigError(
+                f"invalid --snapshot-every {self.snapshot_every:g}: shorter than "
+                f"--level1-every ({self.level1_every:g})"
+            )
+        return self
+
+
 @dataclass(frozen=True, repr=False)
 class StatusConfig(_OwnKeys, _Masked):
     """Settings of ``rrb-status``."""

@@ -105,6 +105,12 @@ class UploadMetrics:
             "rrb_upload_last_write_timestamp_seconds",
             "Unix time at which storage last confirmed a batch's writes.",
         )
+        self.newest_read = metrics.gauge(
+            "rrb_backup_newest_read_timestamp_seconds",
+            "Read time (source clock, Unix seconds) of the newest key state durable in "
+            "storage: the recovery point. Alert when it falls behind.",
+        )
+        self._newest = 0
         self._stats: list[UploadStats] = []
         metrics.add_collector(_UploadCollector(self._stats))
 
@@ -120,6 +126,10 @@ class UploadMetrics:
             # Clocks of different hosts may disagree by a little: never a negative lag.
             observe(max(0.0, now - us / 1_000_000))
         self.last_write.set(now)
+        newest = max(read_at_us, default=0)
+        if newest > self._newest:
+            self._newest = newest
+            self.newest_read.set(newest / 1_000_000)
 
 
 class _UploadCollector(Collector):

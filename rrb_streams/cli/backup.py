@@ -21,11 +21,13 @@ from rrb_streams.cli.common import (
     storage_lines,
     usage_error,
 )
-from rrb_streams.config import BridgeConfig, UploadConfig
+from rrb_streams.compact.service import AutoCompactor
+from rrb_streams.config import BridgeConfig, CompactConfig, UploadConfig
 from rrb_streams.errors import ConfigError
 from rrb_streams.logs import configure, get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.service import Component
+from rrb_streams.storage.base import Storage
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.urls import redact_url
 
@@ -68,6 +70,20 @@ def _upload_config(args: argparse.Namespace) -> UploadConfig:
         tls=options.tls(args),
         **extra,
     ).validate()
+
+
+def _compact_config(args: argparse.Namespace, upload: UploadConfig) -> CompactConfig:
+    return options.compaction(args, upload.effective_stream_url, upload.path_prefix)
+
+
+def _uploaders(
+    cfg: UploadConfig, compact: CompactConfig, storage: Storage, metrics: Metrics | None
+) -> list[Component]:
+    """The uploader and, with the segment layout, automatic compaction beside it."""
+    out: list[Component] = [Uploader(cfg, storage, metrics)]
+    if cfg.layout == "segments" and compact.enabled:
+        out.append(AutoCompactor(compact, storage, metrics))
+    return out
 
 
 def _observed(cfg: BridgeConfig | UploadConfig) -> dict[str, Any]:
@@ -126,6 +142,7 @@ def upload(argv: Sequence[str] | None = None) -> int:
     )
     options.add_stream(p)
     options.add_upload(p, "concurrent storage writes in this process (default: %(default)s)")
+    options.add_compaction(p, automatic=True)
     options.add_tls(p)
     options.add_metrics(p)
     args = p.parse_args(argv)
@@ -133,6 +150,7 @@ def upload(argv: Sequence[str] | None = None) -> int:
     try:
         spec = options.writable_storage(args)
         cfg = _upload_config(args)
+        compact_cfg = _compact_config(args, cfg)
         where = options.metrics_endpoint(args)
     except ConfigError as exc:
         return usage_error(p.prog, exc)
@@ -141,7 +159,7 @@ def upload(argv: Sequence[str] | None = None) -> int:
         async with opened_storage(spec) as storage:
             await serve_observed(
                 where,
-                lambda metrics: [Uploader(cfg, storage, metrics)],
+                lambda metrics: _uploaders(cfg, compact_cfg, storage, metrics),
                 grace=cfg.grace,
                 storage=storage,
                 **_observed(cfg),
@@ -169,6 +187,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     options.add_stream(p)
     options.add_bridge(p)
     options.add_upload(p, "upload workers: concurrent storage writes (default: %(default)s)")
+    options.add_compaction(p, automatic=True)
     options.add_tls(p)
     options.add_metrics(p)
     args = p.parse_args(argv)
@@ -182,6 +201,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         bridge_cfg = _bridge_config(args)
         spec = options.writable_storage(args)
         upload_cfg = _upload_config(args)
+        compact_cfg = _compact_config(args, upload_cfg)
         where = options.metrics_endpoint(args)
     except ConfigError as exc:
         return usage_error(p.prog, exc)
@@ -199,7 +219,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         if upload_cfg.layout == "segments":
             lines.append(
                 f"[*] Layout: segments, one every {upload_cfg.segment_interval:g} s; "
-                "every change is kept"
+                f"every change of the last {options.duration_text(compact_cfg.retention)} is kept"
             )
         elif upload_cfg.versioning:
             lines.append("[*] Layout: keys, versioning enabled: every change is kept")
@@ -231,7 +251,10 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         async with opened_storage(spec) as storage:
 
             def build(metrics: Metrics | None) -> list[Component]:
-                return [Bridge(bridge_cfg, metrics), Uploader(upload_cfg, storage, metrics)]
+                return [
+                    Bridge(bridge_cfg, metrics),
+                    *_uploaders(upload_cfg, compact_cfg, storage, metrics),
+                ]
 
             await serve_observed(
                 where,

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rrb_streams.config import LAYOUTS, BridgeConfig, UploadConfig, default
+from rrb_streams.config import (
+    LAYOUTS,
+    BridgeConfig,
+    CompactConfig,
+    UploadConfig,
+    default,
+    parse_duration,
+)
 from rrb_streams.ops import observe
 from rrb_streams.storage.url import SSE_MODES, StorageSpec, parse_storage_url, with_sse
 from rrb_streams.wire.keys import DEFAULT_OWN_PREFIX
@@ -228,3 +235,70 @@ def add_upload(p: argparse.ArgumentParser, concurrency_help: str) -> None:
         help="on SIGTERM, time to finish and ack in-flight work (default: %(default)g)",
     )
     add_sse(p)
+
+
+def add_compaction(p: argparse.ArgumentParser, *, automatic: bool) -> None:
+    """Retention and the compaction schedule; ``automatic`` adds ``--no-compaction``."""
+    g = p.add_argument_group("compaction and retention (segments layout)")
+
+    def duration(flag: str, field: str, text: str) -> None:
+        g.add_argument(
+            flag,
+            default=None,
+            metavar="DURATION",
+            help=f"{text} (default: {duration_text(default(CompactConfig, field))})",
+        )
+
+    duration(
+        "--retention",
+        "retention",
+        "history kept exactly: --at works for any moment this far back; older states "
+        "collapse into a snapshot",
+    )
+    duration("--level1-every", "level1_every", "merge new segments into level 1 this often")
+    duration("--level2-every", "level2_every", "merge level 1 into level 2 this often")
+    duration("--snapshot-every", "snapshot_every", "write a snapshot this often")
+    duration(
+        "--compaction-grace",
+        "grace",
+        "time a merged object stays readable before it is deleted",
+    )
+    if automatic:
+        g.add_argument(
+            "--no-compaction",
+            action="store_true",
+            help="never compact from this process (run rrb-compact instead)",
+        )
+
+
+def duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit == "d" else 1) and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def compaction(
+    args: argparse.Namespace, stream_url: str, prefix: str, **extra: Any
+) -> CompactConfig:
+    """The settings of :func:`add_compaction`'s options. Raises ``ConfigError``."""
+    values: dict[str, Any] = {}
+    for field, flag in (
+        ("retention", "--retention"),
+        ("level1_every", "--level1-every"),
+        ("level2_every", "--level2-every"),
+        ("snapshot_every", "--snapshot-every"),
+        ("grace", "--compaction-grace"),
+    ):
+        text = getattr(args, field if field != "grace" else "compaction_grace")
+        if text is not None:
+            values[field] = parse_duration(text, flag)
+    return CompactConfig(
+        stream_url=stream_url,
+        path_prefix=prefix,
+        own_prefix=args.own_prefix,
+        enabled=not getattr(args, "no_compaction", False),
+        tls=tls(args),
+        **values,
+        **extra,
+    ).validate()

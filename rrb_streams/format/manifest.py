@@ -123,6 +123,10 @@ def manifest_name(prefix: str, seq: int) -> str:
     return f"{prefix}{MANIFEST_DIR}{seq:017d}.json"
 
 
+def is_manifest_name(name: str, prefix: str = "") -> bool:
+    return name.startswith(prefix + MANIFEST_DIR) and _seq_of(name, prefix) is not None
+
+
 def _seq_of(name: str, prefix: str) -> int | None:
     tail = name[len(prefix + MANIFEST_DIR) :]
     stem, dot, ext = tail.partition(".")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from rrb_streams.format.layout import parse_name
 from rrb_streams.format.legacy import LegacyName, parse_legacy_name
+from rrb_streams.format.manifest import is_manifest_name
 from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.storage.base import ObjectInfo, Storage
 
@@ -90,7 +91,9 @@ async def select(
     async for info in listing:
         parsed = parse_name(info.name, prefix)
         if parsed is None:
-            if parse_segment_name(info.name, prefix) is not None:
+            if parse_segment_name(info.name, prefix) is not None or is_manifest_name(
+                info.name, prefix
+            ):
                 continue  # the segment layout: read by key range, not here
             if past_cursor:
                 stats.listed += 1
