@@ -15,7 +15,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
 from rrb_streams.errors import ConfigError, DependencyError
+from rrb_streams.format.manifest import read_latest
 from rrb_streams.format.selection import find_backup, has_versions
+from rrb_streams.format.view import BeforeRetention
 from rrb_streams.restore.writer import error_text, rdb_version
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.urls import redact_url
@@ -78,9 +80,14 @@ async def require_backup(cfg: RestoreConfig, storage: Storage) -> None:
 
 
 async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:
-    """Raise ``ConfigError`` when ``--at`` is asked of a backup that holds no versions."""
+    """Raise ``ConfigError`` when ``--at`` is asked of a backup that holds no versions, or
+    (``BeforeRetention``) of a moment older than what retention kept."""
     if cfg.at_us is None:
         return
+    if not cfg.legacy:
+        m = await read_latest(storage, cfg.path_prefix)
+        if m.floor_us is not None and cfg.at_us < m.floor_us:
+            raise BeforeRetention(cfg.at_us, m.floor_us)
     if not await has_versions(storage.list(cfg.path_prefix), cfg.path_prefix, legacy=cfg.legacy):
         where = f"{storage.description}/{cfg.path_prefix}".rstrip("/")
         if cfg.legacy:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
+from rrb_streams.compact.compactor import Compactor, PassReport, Schedule
 from rrb_streams.format import manifest as mf
 from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.format.view import BeforeRetention, read_view
+from rrb_streams.logs import get_logger
 from rrb_streams.storage.memory import MemoryStorage
 from tests.compact.helpers import History, ago, compactor, stored
+from tests.support.restoring import put_segment
 
 pytestmark = pytest.mark.anyio
 
@@ -91,8 +95,6 @@ async def test_tombstones_older_than_the_window_leave_the_snapshot() -> None:
     c = compactor(storage, retention=100.0)
     await history.write(storage, 50, at_us=ago(1000), seed=1)
     dead = history.make(1, at_us=ago(900), seed=2, deletes=1.0)
-    from tests.support.restoring import put_segment
-
     await put_segment(storage, dead)
     await c.run_pass(snapshot=True)
     m = c.manifest
@@ -117,19 +119,35 @@ async def test_a_damaged_input_is_named_set_aside_and_still_read() -> None:
     assert names[1] in {i.name for i in view.objects}
 
 
-async def test_two_compactors_one_commits_the_other_loses_and_cleans_up() -> None:
+async def test_two_compactors_at_once_one_commits_the_loser_deletes_its_outputs() -> None:
     storage, history = MemoryStorage(), History()
-    for i in range(5):
+    for i in range(10):
         await history.write(storage, 20, at_us=ago(500 - i), seed=i)
-    a, b = compactor(storage), compactor(storage)
-    # b reads the same (empty) manifest as a, then a commits first.
-    await b.run_pass.__self__._storage.list("").__anext__() if False else None  # noqa: SIM108
-    report_a = await a.run_pass()
-    assert not report_a.lost
-    # A compactor whose version is taken commits nothing and leaves no outputs behind.
-    b._m = mf.Manifest()
-    from rrb_streams.compact.compactor import LostRace
+    reports: list[PassReport] = []
 
-    with pytest.raises(LostRace):
-        await b._commit(mf.Manifest(), None)
+    async def one() -> None:
+        reports.append(await compactor(storage, level2_every=3600.0).run_pass())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+    assert sorted(r.lost for r in reports) == [False, True]
+    m = await mf.read_latest(storage, "")
+    assert [seq for seq, _ in await mf.manifest_names(storage, "")] == list(range(1, m.seq + 1))
+    above = [i.name async for i in storage.list("segments/1/")]
+    assert set(above) == m.names  # the loser's outputs are gone
     assert await stored(storage) == history.truth()
+
+
+async def test_a_compactor_that_lost_the_lease_commits_nothing() -> None:
+    storage, history = MemoryStorage(), History()
+    await history.write(storage, 20, at_us=ago(500), seed=1)
+
+    async def never() -> bool:
+        return False
+
+    c = Compactor(storage, "", Schedule(), get_logger("compact"), holds=never)
+    report = await c.run_pass()
+    assert report.lost and not report.steps
+    assert await mf.manifest_names(storage, "") == []
+    assert [i.name async for i in storage.list("segments/1/")] == []

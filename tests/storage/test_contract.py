@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from rrb_streams.errors import ObjectNotFound
+from rrb_streams.errors import ObjectExists, ObjectNotFound
 from rrb_streams.storage.base import ObjectInfo, Storage
 from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
@@ -403,3 +403,36 @@ async def test_put_stream_whose_chunks_fail_leaves_no_object(storage: Storage) -
 async def test_put_stream_refuses_invalid_names(storage: Storage) -> None:
     with pytest.raises(ValueError):
         await storage.put_stream("../x", iter([b"v"]))
+
+
+async def test_put_new_creates_a_name_once(storage: Storage) -> None:
+    await storage.put_new("m/00001.json", b"first")
+    with pytest.raises(ObjectExists, match=r"00001\.json"):
+        await storage.put_new("m/00001.json", b"second")
+    await storage.flush()
+    assert await storage.get("m/00001.json") == b"first"
+    assert [i.name for i in await listed(storage, "m/")] == ["m/00001.json"]
+
+
+async def test_put_new_of_many_writers_lets_exactly_one_win(storage: Storage) -> None:
+    won: list[int] = []
+
+    async def one(i: int) -> None:
+        try:
+            await storage.put_new("race", b"writer %d" % i)
+        except ObjectExists:
+            return
+        won.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(one, i)
+    assert len(won) == 1
+    assert await storage.get("race") == b"writer %d" % won[0]
+    # No temporary file of a losing writer is left behind or listed.
+    assert [i.name for i in await listed(storage)] == ["race"]
+
+
+async def test_put_new_refuses_invalid_names(storage: Storage) -> None:
+    with pytest.raises(ValueError, match="invalid object name"):
+        await storage.put_new("../x", b"")
