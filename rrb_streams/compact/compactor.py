@@ -35,13 +35,25 @@ from typing import Any
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import manifest as mf
 from rrb_streams.format.manifest import Entry, Manifest, Retired, Snapshot
-from rrb_streams.format.merge import DamagedInput, MergeStats, Policy, keep_all, keep_newest, merge
+from rrb_streams.format.merge import (
+    RUN_BYTES,
+    DamagedInput,
+    MergeStats,
+    Policy,
+    keep_all,
+    keep_newest,
+    merge,
+)
 from rrb_streams.format.ranges import read_footer_of
 from rrb_streams.format.segment import Footer, parse_segment_name
 from rrb_streams.format.view import level0, list_segments
 from rrb_streams.storage.base import ObjectInfo, Storage
 
-FAN_IN = 32  # inputs of one merge: memory holds a run and a block of each
+FAN_IN = 32  # objects one snapshot merge reads at once, besides the previous snapshot
+# A level merge takes inputs while the runs it holds at once (one per input, up to
+# RUN_BYTES each) stay within this: hundreds of small level-0 segments make one output.
+MERGE_BYTES = 32 << 20
+MAX_INPUTS = 512
 STEPS = ("level1", "level2", "snapshot")
 
 
@@ -183,8 +195,7 @@ class Compactor:
             started = time.monotonic()
             retire: list[str] = []
             added: list[Entry] = []
-            for i in range(0, len(footers), FAN_IN):
-                group = footers[i : i + FAN_IN]
+            for group in _groups(footers, infos):
                 stats = await self._merge([[g] for g in group], keep_all, target)
                 if stats is None:
                     break
@@ -399,6 +410,23 @@ class Compactor:
             raise LostRace
         self._m = new
         await mf.prune(self._storage, self._prefix)
+
+
+def _groups(
+    footers: list[tuple[str, Footer]], infos: Sequence[ObjectInfo]
+) -> list[list[tuple[str, Footer]]]:
+    """``footers`` cut into merges that each hold at most :data:`MERGE_BYTES` of runs."""
+    sizes = {i.name: min(i.size, RUN_BYTES) for i in infos}
+    groups: list[list[tuple[str, Footer]]] = []
+    held = 0
+    for item in footers:
+        size = sizes.get(item[0], RUN_BYTES)
+        if not groups or held + size > MERGE_BYTES or len(groups[-1]) >= MAX_INPUTS:
+            groups.append([])
+            held = 0
+        groups[-1].append(item)
+        held += size
+    return groups
 
 
 def _entries(stats: MergeStats, level: int) -> list[Entry]:
