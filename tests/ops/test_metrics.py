@@ -299,6 +299,9 @@ async def test_uploader_counts_entries_writes_bytes_retries_and_lag(
     assert sample(metrics, "rrb_upload_lag_seconds_count") >= 20
     assert 0 < sample(metrics, "rrb_upload_lag_seconds_sum") < 20 * 10
     assert started <= sample(metrics, "rrb_upload_last_write_timestamp_seconds") <= time.time()
+    # The recovery point: the source's read time of the newest durable state (same host here).
+    newest = sample(metrics, "rrb_backup_newest_read_timestamp_seconds")
+    assert started - 1 <= newest <= time.time() + 1
     assert sample(metrics, "rrb_upload_dead_letters_total") == 0
 
 
