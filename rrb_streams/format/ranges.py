@@ -143,6 +143,8 @@ class RangeRead:
 
 @dataclass
 class FooterStats:
+    vanished: int = 0  # objects deleted between the listing and their index read
+    gone: list[str] = field(default_factory=list)  # their names
     segments: int = 0
     blocks: int = 0
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (object, reason)
@@ -171,12 +173,29 @@ async def read_footers(
 ) -> list[BlockRef]:
     """The blocks of every segment a reader for ``at_us`` needs under ``prefix``: those the
     manifest names for that moment plus level 0 (:func:`read_view`). A segment whose index is
-    damaged is counted in ``stats.damaged`` and left out; one deleted since is skipped.
+    damaged is counted in ``stats.damaged`` and left out; when one was deleted since the view
+    was taken, the view is taken again.
 
     Raises ``BeforeRetention`` for an ``at_us`` older than what retention kept.
     """
-    view = await read_view(storage, prefix, at_us=at_us)
-    return await footers_of(storage, view.objects, stats=stats)
+    for attempt in range(_REPLANS + 1):
+        view = await read_view(storage, prefix, at_us=at_us)
+        found = FooterStats()
+        blocks = await footers_of(storage, view.objects, stats=found)
+        if found.vanished and attempt < _REPLANS:
+            # Deleted between the view and its index read: compaction merged it into objects
+            # a newer manifest names. Look again rather than miss its records.
+            continue
+        break
+    stats.segments += found.segments
+    stats.blocks += found.blocks
+    stats.damaged += found.damaged
+    stats.vanished += found.vanished
+    # Still gone after fresh looks: not compaction's doing. Its records are lost: say so.
+    stats.damaged += [
+        (name, f"{name}: named by the manifest, gone from storage") for name in found.gone
+    ]
+    return blocks
 
 
 async def footers_of(
@@ -191,7 +210,9 @@ async def footers_of(
             try:
                 footer = await read_footer_of(storage, info)
             except ObjectNotFound:
-                return  # compacted away since the listing: its records live on elsewhere
+                stats.vanished += 1  # compacted away since the listing
+                stats.gone.append(info.name)
+                return
             except CorruptObject as exc:
                 stats.damaged.append((info.name, str(exc)))
                 return

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from rrb_streams.errors import ConfigError
-from rrb_streams.format.manifest import Manifest, Snapshot, read_latest
+from rrb_streams.format.manifest import Manifest, Snapshot, manifest_names, read_latest
 from rrb_streams.format.segment import parse_segment_name, segments_prefix
 from rrb_streams.storage.base import ObjectInfo, Storage
 
@@ -63,10 +63,22 @@ async def level0(storage: Storage, prefix: str, manifest: Manifest) -> list[Obje
 async def read_view(storage: Storage, prefix: str, *, at_us: int | None = None) -> View:
     """The objects that hold every record a reader for ``at_us`` may need.
 
+    The manifest is read before level 0 is listed, and its version checked again after: a
+    compaction that committed in between may have deleted level-0 segments the listing then
+    misses, whose records only the newer version names. The view is then taken again.
+
     Raises :class:`BeforeRetention` when ``at_us`` is older than the manifest's floor, and
     ``CorruptObject`` when the newest manifest is damaged.
     """
-    m = await read_latest(storage, prefix)
+    while True:
+        m = await read_latest(storage, prefix)
+        view = await _view_of(storage, prefix, m, at_us)
+        names = await manifest_names(storage, prefix)
+        if (names[-1][0] if names else 0) == m.seq:
+            return view
+
+
+async def _view_of(storage: Storage, prefix: str, m: Manifest, at_us: int | None) -> View:
     if m.seq == 0:
         listed = [info async for info in list_segments(storage, prefix)]
         return View(m, listed, None, len(listed))
