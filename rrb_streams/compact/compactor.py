@@ -359,6 +359,14 @@ class Compactor:
                 level=level,
                 part_bytes=self._s.part_bytes,
                 written=written,
+                on_progress=lambda stats: self._log.info(
+                    "compact.progress",
+                    level=level,
+                    records_in=stats.records_in,
+                    records_out=stats.records_out,
+                    bytes_in=stats.bytes_in,
+                    bytes_out=stats.bytes_out,
+                ),
             )
         except DamagedInput as exc:
             await self._discard(written)

@@ -17,9 +17,11 @@ that silently lack whatever the block held.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import operator
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +38,7 @@ from rrb_streams.storage.base import Storage
 
 RUN_BYTES = 1 << 20  # compressed bytes one GET of an input fetches at most
 PART_BYTES = 64 << 20  # an output object closes at the first key boundary past this size
+PROGRESS_EVERY = 10.0  # seconds between progress reports of a long merge
 
 Policy = Callable[[list[KeyRecord]], Iterable[KeyRecord]]  # one key's records, oldest first
 _ORDER = operator.attrgetter("db", "key", "stamp", "read_at_us")
@@ -159,6 +162,7 @@ def _merge(
     level: int,
     part_bytes: int,
     written: list[str],
+    on_progress: Callable[[MergeStats], None] | None,
 ) -> MergeStats:
     stats = MergeStats()
     streams = [_chain(storage, chain, stats) for chain in inputs]
@@ -195,7 +199,11 @@ def _merge(
             )
         )
 
-    for _, group in itertools.groupby(merged, key=operator.attrgetter("db", "key")):
+    next_report = time.monotonic() + PROGRESS_EVERY
+    for i, (_, group) in enumerate(itertools.groupby(merged, key=operator.attrgetter("db", "key"))):
+        if on_progress is not None and i % 4096 == 0 and time.monotonic() >= next_report:
+            on_progress(stats)
+            next_report = time.monotonic() + PROGRESS_EVERY
         records = list(group)
         for rec in records:
             if rec.read_at_us > stats.max_read_us:
@@ -221,6 +229,7 @@ async def merge(
     level: int,
     part_bytes: int = PART_BYTES,
     written: list[str] | None = None,
+    on_progress: Callable[[MergeStats], None] | None = None,
 ) -> MergeStats:
     """Merge the segments ``inputs`` (chains of objects, each a name and its verified footer,
     whose objects follow each other in key order) into new segments of
@@ -229,9 +238,10 @@ async def merge(
 
     Raises :class:`DamagedInput` for a damaged or vanished input, and storage errors. On any
     error, outputs already written stay behind, unreferenced: ``written`` names every output
-    as its write starts, so the caller can delete them.
+    as its write starts, so the caller can delete them. ``on_progress`` hears the counts
+    about every :data:`PROGRESS_EVERY` seconds, from the merge's thread.
     """
-    return await anyio.to_thread.run_sync(
+    run = functools.partial(
         _merge,
         storage,
         inputs,
@@ -240,4 +250,6 @@ async def merge(
         level,
         part_bytes,
         [] if written is None else written,
+        on_progress,
     )
+    return await anyio.to_thread.run_sync(run)
