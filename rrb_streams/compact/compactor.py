@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import anyio
+
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import manifest as mf
 from rrb_streams.format.manifest import Entry, Manifest, Retired, Snapshot
@@ -54,6 +56,7 @@ FAN_IN = 32  # objects one snapshot merge reads at once, besides the previous sn
 # RUN_BYTES each) stay within this: hundreds of small level-0 segments make one output.
 MERGE_BYTES = 32 << 20
 MAX_INPUTS = 512
+_FOOTER_READERS = 8
 STEPS = ("level1", "level2", "snapshot")
 
 
@@ -330,21 +333,32 @@ class Compactor:
         ]
 
     async def _footers(self, infos: Sequence[ObjectInfo]) -> list[tuple[str, Footer]] | None:
-        """The inputs' verified indexes, or ``None`` after marking a damaged one."""
-        out = []
+        """The inputs' verified indexes, in the order of ``infos``, or ``None`` after marking
+        a damaged one. Fetched :data:`_FOOTER_READERS` at a time: a pass may merge hundreds
+        of level-0 segments."""
+        found: dict[str, Footer] = {}
+        failed: list[tuple[ObjectInfo, str]] = []
         known = self._m.names
-        for info in infos:
-            try:
-                out.append((info.name, await read_footer_of(self._storage, info)))
-            except ObjectNotFound as exc:
-                if info.name not in known:
-                    continue  # level 0, merged by a version we have not read
-                await self._mark_damaged(info, f"{info.name}: gone from storage ({exc})")
-                return None
-            except CorruptObject as exc:
-                await self._mark_damaged(info, str(exc))
-                return None
-        return out
+        limiter = anyio.CapacityLimiter(_FOOTER_READERS)
+
+        async def one(info: ObjectInfo) -> None:
+            async with limiter:
+                try:
+                    found[info.name] = await read_footer_of(self._storage, info)
+                except ObjectNotFound as exc:
+                    if info.name in known:  # else level 0, merged by a version not read yet
+                        failed.append((info, f"{info.name}: gone from storage ({exc})"))
+                except CorruptObject as exc:
+                    failed.append((info, str(exc)))
+
+        async with anyio.create_task_group() as tg:
+            for info in infos:
+                tg.start_soon(one, info)
+        if failed:
+            info, reason = min(failed, key=lambda f: f[0].name)
+            await self._mark_damaged(info, reason)
+            return None
+        return [(i.name, found[i.name]) for i in infos if i.name in found]
 
     async def _merge(
         self, chains: list[list[tuple[str, Footer]]], policy: Policy, level: int
