@@ -138,6 +138,7 @@ class Compactor:
         self._writer = writer
         self._m = Manifest()
         self._damaged: list[tuple[str, str]] = []
+        self._sizes: dict[str, int] = {}  # of the inputs seen: a damaged one keeps its size
 
     async def run_pass(self, *, snapshot: bool = False) -> PassReport:
         """One pass; ``snapshot`` takes a snapshot now whatever the schedule says."""
@@ -342,6 +343,7 @@ class Compactor:
         limiter = anyio.CapacityLimiter(_FOOTER_READERS)
 
         async def one(info: ObjectInfo) -> None:
+            self._sizes[info.name] = info.size
             async with limiter:
                 try:
                     found[info.name] = await read_footer_of(self._storage, info)
@@ -384,8 +386,7 @@ class Compactor:
             )
         except DamagedInput as exc:
             await self._discard(written)
-            info = ObjectInfo(exc.name, 0)
-            await self._mark_damaged(info, str(exc))
+            await self._mark_damaged(ObjectInfo(exc.name, self._sizes.get(exc.name, 0)), str(exc))
             return None
         except BaseException:
             await self._discard(written)

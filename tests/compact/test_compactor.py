@@ -7,6 +7,7 @@ import pytest
 
 from rrb_streams.compact.compactor import Compactor, PassReport, Schedule
 from rrb_streams.format import manifest as mf
+from rrb_streams.format.ranges import FooterStats, plan_ranges, read_footers, read_range
 from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.format.view import BeforeRetention, read_view
 from rrb_streams.logs import get_logger
@@ -116,7 +117,10 @@ async def test_a_damaged_input_is_named_set_aside_and_still_read() -> None:
     assert report.steps and report.steps[0].inputs == 3
     # Readers still see the damaged object, and report it rather than deciding its keys.
     view = await read_view(storage, "")
-    assert names[1] in {i.name for i in view.objects}
+    assert (names[1], len(data)) in {(i.name, i.size) for i in view.objects}
+    blocks = await read_footers(storage, "", stats=FooterStats())
+    read = await read_range(storage, plan_ranges(blocks)[0])
+    assert {d.name for d in read.damaged} == {names[1]} and read.undecided
 
 
 async def test_two_compactors_at_once_one_commits_the_loser_deletes_its_outputs() -> None:
