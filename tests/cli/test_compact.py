@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import anyio
 import pytest
 
+from rrb_streams.cli import options
 from rrb_streams.compact.lease import lease_key
+from rrb_streams.config import CompactConfig, parse_duration
 from rrb_streams.format import manifest as mf
 from rrb_streams.wire.keys import OwnKeys
 from tests.compact.helpers import History, ago, stored
@@ -95,3 +98,31 @@ def test_an_unreachable_redis_is_one_line(tmp_path: Path) -> None:
     done = run_command("rrb-compact", "redis://127.0.0.1:1/0", "--storage", str(tmp_path))
     assert done.returncode == 1
     assert "127.0.0.1:1" in one_line(done.stderr, logs=True)
+
+
+def test_compaction_options_read_durations_and_default_to_the_settings() -> None:
+    p = argparse.ArgumentParser()
+    options.add_own_prefix(p, "rrb's keys")
+    options.add_tls(p)
+    options.add_compaction(p, automatic=True)
+    args = p.parse_args(["--retention", "7d", "--level1-every", "90s", "--no-compaction"])
+    cfg = options.compaction(args, "redis://h:1/0", "/base/")
+    assert (cfg.retention, cfg.level1_every, cfg.enabled) == (7 * 86400, 90, False)
+    assert cfg.path_prefix == "base/" and cfg.snapshot_every == CompactConfig.snapshot_every
+    defaults = options.compaction(p.parse_args([]), "redis://h:1/0", "")
+    assert defaults.retention == 86400 and defaults.grace == 600 and defaults.enabled
+    assert [parse_duration(t, "--x") for t in ("90", "2m", "1.5h", "2w")] == [
+        90,
+        120,
+        5400,
+        1209600,
+    ]
+    assert "(default: 24h)" in p.format_help() and "(default: 10m)" in p.format_help()
+
+
+def test_upload_commands_take_the_compaction_options() -> None:
+    for command in ("rrb", "rrb-upload"):
+        done = run_command(command, "--help")
+        assert done.returncode == 0
+        for flag in ("--retention", "--snapshot-every", "--compaction-grace", "--no-compaction"):
+            assert flag in done.stdout, (command, flag)
