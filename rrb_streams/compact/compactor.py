@@ -209,6 +209,7 @@ class Compactor:
             else:
                 done.seconds = time.monotonic() - started
                 m = self._retire(mf.with_entries(self._m, retire, added), retire)
+                report.retired += len(retire)
                 await self._commit(replace(m, due={**m.due, step: now_us()}), done, added)
                 report.steps.append(done)
                 return
@@ -389,7 +390,8 @@ class Compactor:
             await self._mark_damaged(ObjectInfo(exc.name, self._sizes.get(exc.name, 0)), str(exc))
             return None
         except BaseException:
-            await self._discard(written)
+            with anyio.CancelScope(shield=True):  # cancelled too: leave no orphan behind
+                await self._discard(written)
             raise
 
     async def _mark_damaged(self, info: ObjectInfo, reason: str) -> None:

@@ -38,8 +38,8 @@ class CompactMetrics:
         )
         self.objects = metrics.gauge(
             "rrb_backup_objects",
-            "Objects the manifest names, by level (0: those merged and waiting; snapshot: "
-            "every kept snapshot's parts), as of the last compaction.",
+            "Objects the manifest names, by level (1, 2; snapshot: every kept snapshot's "
+            "parts; 0: level-0 segments set aside as damaged), as of the last compaction.",
             ["level"],
         )
         self.object_bytes = metrics.gauge(

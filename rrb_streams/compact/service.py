@@ -19,6 +19,7 @@ from rrb_streams.compact.lease import CompactionLease
 from rrb_streams.compact.metrics import CompactMetrics
 from rrb_streams.config import CompactConfig
 from rrb_streams.errors import RrbError
+from rrb_streams.format.manifest import Manifest
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.service import StopRequest
@@ -42,20 +43,55 @@ async def compact_once(
     cfg: CompactConfig, storage: Storage, r: Redis, log: Any, *, snapshot: bool = False
 ) -> PassReport | None:
     """Take the lease and run one pass; ``None`` when another process holds the lease."""
+    done = await _held_pass(cfg, storage, r, log, snapshot=snapshot)
+    if done is None:
+        return None
+    report, _ = done
+    log.info("compact.pass", **report.to_dict())
+    return report
+
+
+async def _held_pass(
+    cfg: CompactConfig, storage: Storage, r: Redis, log: Any, *, snapshot: bool = False
+) -> tuple[PassReport, Manifest] | None:
+    """One pass while holding the lease, renewed every third of it for as long as the pass
+    runs (a snapshot of a large backup takes minutes). A renewal that finds the lease gone
+    cancels the pass: it must not commit, and its outputs are retired by a later pass."""
     lease = CompactionLease(r, cfg.own, lease_s=cfg.lease)
     if not await lease.take():
         log.info("compact.standby", holder=await lease.holder())
         return None
+    compactor = Compactor(
+        storage, cfg.path_prefix, schedule_of(cfg), log, holds=lease.renew, writer=lease.token
+    )
+    lost = False
+
+    async def keep(scope: anyio.CancelScope) -> None:
+        nonlocal lost
+        while True:
+            await anyio.sleep(cfg.lease / 3)
+            try:
+                held = await lease.renew()
+            except RedisError as exc:  # the next renewal may succeed within the lease
+                log.warning("compact.lease_renewal_failed", error=str(exc))
+                continue
+            if not held:
+                lost = True
+                log.warning("compact.lease_lost", holder=await lease.holder())
+                scope.cancel()
+                return
+
+    report = PassReport(lost=True)
     try:
-        compactor = Compactor(
-            storage, cfg.path_prefix, schedule_of(cfg), log, holds=lease.renew, writer=lease.token
-        )
-        report = await compactor.run_pass(snapshot=snapshot)
-        log.info("compact.pass", **report.to_dict())
-        return report
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep, tg.cancel_scope)
+            report = await compactor.run_pass(snapshot=snapshot)
+            tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await lease.release()
+    report.lost = report.lost or lost
+    return report, compactor.manifest
 
 
 class AutoCompactor:
@@ -90,34 +126,18 @@ class AutoCompactor:
     async def _look(self, r: Redis) -> None:
         m = self._metrics
         try:
-            lease = CompactionLease(r, self._cfg.own, lease_s=self._cfg.lease)
-            if not await lease.take():
-                if m is not None:
-                    m.runs.labels("standby").inc()
-                return
-            try:
-                compactor = Compactor(
-                    self._storage,
-                    self._cfg.path_prefix,
-                    schedule_of(self._cfg),
-                    self._log,
-                    holds=lease.renew,
-                    writer=lease.token,
-                )
-                report = await compactor.run_pass()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await lease.release()
-        except (
-            RedisError,
-            OSError,
-            RrbError,
-        ) as exc:  # a failed pass leaves the last version whole
+            done = await _held_pass(self._cfg, self._storage, r, self._log)
+        except (RedisError, OSError, RrbError) as exc:  # the last version stays whole
             self._log.warning("compact.failed", error=str(exc), kind=type(exc).__name__)
             if m is not None:
                 m.runs.labels("failed").inc()
             return
+        if done is None:
+            if m is not None:
+                m.runs.labels("standby").inc()
+            return
+        report, manifest = done
         if report.steps or report.deleted or report.retired:
             self._log.info("compact.pass", **report.to_dict())
         if m is not None:
-            m.passed(report, compactor.manifest)
+            m.passed(report, manifest)
