@@ -231,16 +231,25 @@ class CompactConfig(_OwnKeys, _Masked):
 
 @dataclass(frozen=True, repr=False)
 class StatusConfig(_OwnKeys, _Masked):
-    """Settings of ``rrb-status``."""
+    """Settings of ``rrb-status``: the change stream, and with ``storage`` the backup's own
+    state read from storage as well."""
 
     stream_url: str
     own_prefix: str = DEFAULT_OWN_PREFIX
     as_json: bool = False
+    storage: StorageSpec | None = None  # --storage: also show the backup kept there
+    path_prefix: str = ""
+    # Compaction is reported overdue after 3 times this (the compaction option's default).
+    level1_every: float = CompactConfig.level1_every
     tls: TlsOptions = NO_TLS
 
     def validate(self) -> StatusConfig:
         validate_url(self.stream_url, "stream Redis URL")
         self.tls.validate((self.stream_url,))
+        object.__setattr__(self, "path_prefix", normalize_prefix(self.path_prefix))
+        if self.path_prefix and self.storage is None:
+            raise ConfigError(f"-P/--path {self.path_prefix!r} needs --storage")
+        _positive("level1_every", self.level1_every)
         return self
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from rrb_streams.config import parse_duration
 from tests.support.deployfiles import (
     DEPLOY,
     KUBE,
@@ -37,6 +38,7 @@ from tests.support.deployfiles import (
     kustomization,
     load_yaml_docs,
     pod_containers,
+    pod_spec,
     render,
     resolve_args,
     systemd_commands,
@@ -62,8 +64,15 @@ PENDING_OPTIONS = {
     "rrb-restore": _METRICS_OPTIONS,
 }
 PENDING_ENV = {"RRB_METRICS_PORT", "RRB_METRICS_HOST"}
-UNITS = ("rrb-bridge.service", "rrb-upload@.service", "rrb.service", "rrb-restore.service")
+UNITS = (
+    "rrb-bridge.service",
+    "rrb-upload@.service",
+    "rrb.service",
+    "rrb-restore.service",
+    "rrb-compact.service",
+)
 LONG_RUNNING_UNITS = ("rrb-bridge.service", "rrb-upload@.service", "rrb.service")
+TIMERS = {"rrb-compact.timer": "rrb-compact.service"}  # a timer, and the unit it starts
 
 
 def console_scripts() -> set[str]:
@@ -118,7 +127,8 @@ def test_kubernetes_files_match_the_api_schemas() -> None:
             if path.parent == OVERLAY and path.name.endswith("-patch.yaml"):
                 continue  # a patch is a fragment; the rendered overlay below is validated whole
             validate_schema(resource, str(path.relative_to(ROOT)))
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= seen_kinds
+    kinds = {"Deployment", "CronJob", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"}
+    assert kinds <= seen_kinds
 
 
 @pytest.mark.parametrize("directory", [BASE, OVERLAY], ids=["base", "overlay"])
@@ -209,6 +219,24 @@ def test_keda_objects_have_their_required_fields_and_references() -> None:
         assert ref["key"] in secrets[ref["name"]]["stringData"]
 
 
+def workloads(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Deployments and CronJobs, by name."""
+    return {**by_kind(resources, "Deployment"), **by_kind(resources, "CronJob")}
+
+
+def assert_hardened(name: str, pod: dict[str, Any]) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True, name
+    assert pod["securityContext"]["runAsUser"] != 0, name
+    assert pod["automountServiceAccountToken"] is False, name
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, kind)
+
+
 def test_kubernetes_pods_are_hardened_probed_and_sized() -> None:
     resources = render(BASE)
     deployments = by_kind(resources, "Deployment")
@@ -216,21 +244,13 @@ def test_kubernetes_pods_are_hardened_probed_and_sized() -> None:
     assert deployments["rrb-bridge"]["spec"]["replicas"] == 2
     for name, d in deployments.items():
         pod = d["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] != 0
-        assert pod["automountServiceAccountToken"] is False
+        assert_hardened(name, pod)
         for c in pod["containers"]:
-            sc = c["securityContext"]
-            assert sc["readOnlyRootFilesystem"] is True
-            assert sc["allowPrivilegeEscalation"] is False
-            assert sc["capabilities"]["drop"] == ["ALL"]
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
             assert ports["metrics"] == METRICS_PORT
             assert f"--metrics-port={METRICS_PORT}" in c["args"], name
             for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
                 assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, (name, probe)
-            for kind in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, kind)
         grace = re.search(r"--grace=(\d+)", " ".join(c["args"]))
         if grace:
             assert pod["terminationGracePeriodSeconds"] > int(grace.group(1))
@@ -247,7 +267,8 @@ def test_kubernetes_references_resolve() -> None:
     for d in deployments.values():
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        for c in pod_containers(d):
+    for w in workloads(resources).values():
+        for c in pod_containers(w):
             defined: set[str] = set()
             for source in c.get("envFrom", []):
                 defined |= set(config[source["configMapRef"]["name"]]["data"])
@@ -274,6 +295,39 @@ def test_kubernetes_references_resolve() -> None:
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert service["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
     assert [p["port"] for p in service["spec"]["ports"]] == [METRICS_PORT]
+
+
+def _cron_period(schedule: str) -> float:
+    """Seconds between runs of a ``*/N * * * *`` schedule, the only form used here."""
+    m = re.fullmatch(r"\*/(\d+) \* \* \* \*", schedule)
+    assert m, f"schedule {schedule!r}: expected */N * * * *"
+    return int(m.group(1)) * 60.0
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    assert len(values) <= 1, (name, args)
+    return values[0] if values else None
+
+
+def test_the_compaction_cronjob_runs_alone_hardened_and_on_schedule() -> None:
+    resources = render(BASE)
+    (cron,) = by_kind(resources, "CronJob").values()
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = pod_spec(cron)
+    assert pod is not None and pod["restartPolicy"] == "Never"
+    assert_hardened(cron["metadata"]["name"], pod)
+    (c,) = pod["containers"]
+    assert c["command"] == ["rrb-compact"]
+    # The uploaders leave compaction to it, and it compacts the backup they write.
+    (upload,) = pod_containers(by_kind(resources, "Deployment")["rrb-upload"])
+    assert "--no-compaction" in upload["args"]
+    assert _flag(c["args"], "--path") == _flag(upload["args"], "--path")
+    assert {e["name"] for e in c["env"]} >= {"REDIS_SERVER", "S3_ACCESS_KEY", "S3_SECRET_KEY"}
+    # A level-1 interval under the period, so every run merges level 0 (see the file).
+    every = _flag(c["args"], "--level1-every")
+    assert every is not None
+    assert parse_duration(every, "--level1-every") < _cron_period(cron["spec"]["schedule"])
 
 
 # --- docker compose, Prometheus, Dockerfile ---------------------------------------------------
@@ -386,7 +440,9 @@ def test_systemd_units_parse_and_are_hardened() -> None:
         service = parser["Service"]
         assert service["EnvironmentFile"] == "/etc/rrb/rrb.env", name
         assert service["KillSignal"] == "SIGTERM", name
-        assert service["Restart"] == "on-failure", name
+        # A timer's unit is not restarted: the timer starts the next run.
+        started_by_timer = name in TIMERS.values()
+        assert service["Restart"] == ("no" if started_by_timer else "on-failure"), name
         assert service["NoNewPrivileges"] == "yes", name
         assert service["ProtectSystem"] == "strict", name
         assert service["DynamicUser"] == "yes" or service.get("User") not in (None, "root")
@@ -397,6 +453,19 @@ def test_systemd_units_parse_and_are_hardened() -> None:
     for name in LONG_RUNNING_UNITS:
         assert units[name]["Install"]["WantedBy"] == "multi-user.target"
     assert units["rrb-restore.service"]["Service"]["Type"] == "oneshot"
+    assert {p.name for p in SYSTEMD.glob("*.timer")} == set(TIMERS)
+    for name, target in TIMERS.items():
+        timer = unit(SYSTEMD / name)
+        assert timer["Timer"]["Unit"] == target and "OnCalendar" in timer["Timer"], name
+        assert timer["Install"]["WantedBy"] == "timers.target", name
+        assert units[target]["Service"]["Type"] == "oneshot", target
+        assert "Install" not in units[target], f"{target} is enabled through its timer"
+        # A level-1 interval under the timer's period, so every run merges level 0.
+        period = re.fullmatch(r"\*:0/(\d+)", timer["Timer"]["OnCalendar"])
+        assert period, f"{name}: expected OnCalendar=*:0/N"
+        every = re.search(r"--level1-every (\S+)", units[target]["Service"]["ExecStart"])
+        assert every, f"{target}: give --level1-every under the timer's period"
+        assert parse_duration(every.group(1), "--level1-every") < int(period.group(1)) * 60
     env = env_file(SYSTEMD / "rrb.env.example")
     referenced = {
         v
@@ -415,7 +484,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if analyze is None:
         return  # not every machine has systemd; test_systemd_units_parse_and_are_hardened ran
     paths = []
-    for name in UNITS:
+    for name in (*UNITS, *TIMERS):
         text = (SYSTEMD / name).read_text()
         text = text.replace("/opt/rrb/bin/", f"{BIN}/")
         text = text.replace("/etc/rrb/rrb.env", str(SYSTEMD / "rrb.env.example"))
@@ -481,7 +550,7 @@ def test_every_environment_variable_in_deploy_files_is_read_by_rrb() -> None:
         given[f"compose service {name}"] = set(svc["environment"])
     resources = render(BASE)
     internal = set()  # variables the manifests themselves consume, through $(NAME) or KEDA
-    for d in by_kind(resources, "Deployment").values():
+    for d in workloads(resources).values():
         for ct in pod_containers(d):
             given[f"container {ct['name']}"] = {e["name"] for e in ct.get("env", [])}
             words = [*ct.get("args", []), *(e.get("value", "") for e in ct.get("env", []))]

@@ -159,11 +159,24 @@ def render(directory: Path) -> list[dict[str, Any]]:
     return resources
 
 
+def pod_spec(resource: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod template's spec of a workload (a Deployment or a CronJob); ``None`` for other
+    kinds."""
+    if resource["kind"] == "Deployment":
+        spec: dict[str, Any] = resource["spec"]["template"]["spec"]
+        return spec
+    if resource["kind"] == "CronJob":
+        spec = resource["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
 def pod_containers(resource: dict[str, Any]) -> list[dict[str, Any]]:
     """The containers of a workload's pod template (none for other kinds)."""
-    if resource["kind"] != "Deployment":
+    spec = pod_spec(resource)
+    if spec is None:
         return []
-    containers: list[dict[str, Any]] = resource["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = spec["containers"]
     return containers
 
 
@@ -217,7 +230,7 @@ def compose_commands(compose: dict[str, Any]) -> list[CommandLine]:
 
 
 def kube_commands(resources: list[dict[str, Any]]) -> list[CommandLine]:
-    """The command of every container of the Deployments in ``resources``."""
+    """The command of every container of the Deployments and CronJobs in ``resources``."""
     out = []
     for r in resources:
         for c in pod_containers(r):
@@ -242,6 +255,7 @@ ENV_OPTS = {
     "RRB_UPLOAD_OPTS": "rrb-upload",
     "RRB_OPTS": "rrb",
     "RRB_RESTORE_OPTS": "rrb-restore",
+    "RRB_COMPACT_OPTS": "rrb-compact",
 }
 
 
