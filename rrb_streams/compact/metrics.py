@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from rrb_streams.compact.compactor import PassReport
 from rrb_streams.format.manifest import SNAPSHOT_LEVEL, Manifest
+from rrb_streams.ops.backup_state import level_label
 from rrb_streams.ops.metrics import Metrics
 
 _DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-
-
-def level_label(level: int) -> str:
-    return "snapshot" if level == SNAPSHOT_LEVEL else str(level)
 
 
 class CompactMetrics:
