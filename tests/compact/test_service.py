@@ -58,12 +58,18 @@ class SlowStorage(MemoryStorage):
         return await super().get_range(name, start, length)
 
 
-async def test_a_pass_longer_than_the_lease_keeps_it_and_commits(
-    redis_server: RedisServer,
-) -> None:
+async def slow_backup() -> tuple[SlowStorage, History]:
+    """30 small level-0 segments whose merge lasts several 0.3 s leases."""
     storage, history = SlowStorage(), History()
     for i in range(30):
         await history.write(storage, 5, at_us=ago(100 - i), seed=i)
+    return storage, history
+
+
+async def test_a_pass_longer_than_the_lease_keeps_it_and_commits(
+    redis_server: RedisServer,
+) -> None:
+    storage, history = await slow_backup()
     cfg = CompactConfig(stream_url=redis_server.url(), lease=0.3).validate()
     r = connect(redis_server.url())
     try:
@@ -79,9 +85,7 @@ async def test_a_pass_longer_than_the_lease_keeps_it_and_commits(
 async def test_a_pass_whose_lease_is_taken_stops_and_commits_nothing(
     redis_server: RedisServer,
 ) -> None:
-    storage, history = SlowStorage(), History()
-    for i in range(30):
-        await history.write(storage, 5, at_us=ago(100 - i), seed=i)
+    storage, history = await slow_backup()
     cfg = CompactConfig(stream_url=redis_server.url(), lease=0.3).validate()
     r = connect(redis_server.url())
 
