@@ -38,6 +38,7 @@ from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import manifest as mf
 from rrb_streams.format.manifest import Entry, Manifest, Retired, Snapshot
 from rrb_streams.format.merge import (
+    PART_BYTES,
     RUN_BYTES,
     DamagedInput,
     MergeStats,
@@ -47,7 +48,7 @@ from rrb_streams.format.merge import (
     merge,
 )
 from rrb_streams.format.ranges import read_footer_of
-from rrb_streams.format.segment import Footer, parse_segment_name
+from rrb_streams.format.segment import Footer, new_uid, parse_segment_name
 from rrb_streams.format.view import level0, list_segments
 from rrb_streams.storage.base import ObjectInfo, Storage
 
@@ -69,7 +70,7 @@ class Schedule:
     snapshot_every: float = 86400.0
     retention: float = 86400.0
     grace: float = 600.0
-    part_bytes: int = 64 << 20
+    part_bytes: int = PART_BYTES
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Compactor:
             if self._due("level2") or snapshot:
                 await self._level((1,), 2, report)
             if snapshot:
-                while len(self._history()) >= FAN_IN:  # one merge must read them all
+                while len(_runs(self._history())) >= FAN_IN:  # one merge must read them all
                     await self._level((1, 2), 2, report)
                 await self._snapshot(report)
             await self._retention(report)
@@ -186,24 +187,28 @@ class Compactor:
     # -- steps ------------------------------------------------------------------------------
 
     async def _level(self, sources: tuple[int, ...], target: int, report: PassReport) -> None:
-        """Merge the unsealed objects of ``sources`` into ``target``, ``FAN_IN`` at a time."""
+        """Merge the unsealed objects of ``sources`` into ``target``: as many runs at once as
+        fit :data:`MERGE_BYTES`, each merge's outputs one new run."""
         step = f"level{target}"
         while True:
-            infos = await self._inputs(sources)
-            if len(infos) < (1 if sources == (0,) else 2):
+            chains = await self._inputs(sources)
+            if len(chains) < (1 if sources == (0,) else 2):
                 return
-            footers = await self._footers(infos)
+            footers = await self._footers([i for chain in chains for i in chain])
             if footers is None:
                 continue  # a damaged input was set aside: list again
+            found = dict(footers)
+            inputs = [[(i.name, found[i.name]) for i in c if i.name in found] for c in chains]
+            sizes = {i.name: i.size for c in chains for i in c}
             done = StepReport(step, inputs=len(footers))
             started = time.monotonic()
             retire: list[str] = []
             added: list[Entry] = []
-            for group in _groups(footers, infos):
-                stats = await self._merge([[g] for g in group], keep_all, target)
+            for group in _groups([c for c in inputs if c], sizes):
+                stats = await self._merge(group, keep_all, target)
                 if stats is None:
                     break
-                retire += [name for name, _ in group]
+                retire += [name for chain in group for name, _ in chain]
                 added += _entries(stats, target)
                 _count(done, stats)
             else:
@@ -216,13 +221,15 @@ class Compactor:
             # A damaged input stopped a merge: what was merged before it is not committed.
             await self._discard([e.name for e in added])
 
-    async def _inputs(self, levels: tuple[int, ...]) -> list[ObjectInfo]:
+    async def _inputs(self, levels: tuple[int, ...]) -> list[list[ObjectInfo]]:
+        """The unsealed objects of ``levels`` as runs: one per merge that wrote them, and
+        one per level-0 segment."""
         m = self._m
-        out = [ObjectInfo(e.name, e.size) for lv in levels if lv > 0 for e in m.live(lv)]
+        out = _runs([e for lv in levels if lv > 0 for e in m.live(lv)])
         if 0 in levels:
             known = m.names
             zero = await level0(self._storage, self._prefix, m)
-            out += [i for i in zero if i.name not in known]
+            out += [[i] for i in zero if i.name not in known]
         return out
 
     async def _snapshot(self, report: PassReport) -> None:
@@ -238,8 +245,8 @@ class Compactor:
             if footers is None:
                 continue
             by_name = dict(footers)
-            chains = [[(e.name, by_name[e.name]) for e in parts]] if parts else []
-            chains += [[(e.name, by_name[e.name])] for e in history]
+            runs = ([[ObjectInfo(e.name, e.size) for e in parts]] if parts else []) + _runs(history)
+            chains = [[(i.name, by_name[i.name]) for i in run] for run in runs]
             done = StepReport("snapshot", inputs=len(footers))
             started = time.monotonic()
             drop_before = now_us() - int(self._s.retention * 1e6)
@@ -437,27 +444,53 @@ class Compactor:
         await mf.prune(self._storage, self._prefix)
 
 
+def _runs(entries: Sequence[Entry]) -> list[list[ObjectInfo]]:
+    """``entries`` as runs in key order: the outputs of one merge together (its parts in
+    order), any other object alone."""
+    runs: dict[str, list[Entry]] = {}
+    alone: list[list[ObjectInfo]] = []
+    for e in entries:
+        if e.run is None:
+            alone.append([ObjectInfo(e.name, e.size)])
+        else:
+            runs.setdefault(e.run, []).append(e)
+    ordered = (sorted(run, key=lambda e: e.part) for run in runs.values())
+    return [[ObjectInfo(e.name, e.size) for e in run] for run in ordered] + alone
+
+
 def _groups(
-    footers: list[tuple[str, Footer]], infos: Sequence[ObjectInfo]
-) -> list[list[tuple[str, Footer]]]:
-    """``footers`` cut into merges that each hold at most :data:`MERGE_BYTES` of runs."""
-    sizes = {i.name: min(i.size, RUN_BYTES) for i in infos}
-    groups: list[list[tuple[str, Footer]]] = []
+    runs: list[list[tuple[str, Footer]]], sizes: dict[str, int]
+) -> list[list[list[tuple[str, Footer]]]]:
+    """``runs`` cut into merges that each hold at most :data:`MERGE_BYTES` of fetched data
+    (a run holds one object's fetch at a time) and at least two runs, so that merging runs
+    always leaves fewer of them."""
+    groups: list[list[list[tuple[str, Footer]]]] = []
     held = 0
-    for item in footers:
-        size = sizes.get(item[0], RUN_BYTES)
-        if not groups or held + size > MERGE_BYTES or len(groups[-1]) >= MAX_INPUTS:
+    for run in runs:
+        size = max(min(sizes.get(name, RUN_BYTES), RUN_BYTES) for name, _ in run)
+        full = held + size > MERGE_BYTES and len(groups[-1]) >= 2 if groups else True
+        if full or len(groups[-1]) >= MAX_INPUTS:
             groups.append([])
             held = 0
-        groups[-1].append(item)
+        groups[-1].append(run)
         held += size
     return groups
 
 
 def _entries(stats: MergeStats, level: int) -> list[Entry]:
+    run = new_uid()
     return [
         Entry(
-            o.name, level, o.size, o.records, o.min_stamp, o.max_stamp, o.min_read_us, o.max_read_us
+            o.name,
+            level,
+            o.size,
+            o.records,
+            o.min_stamp,
+            o.max_stamp,
+            o.min_read_us,
+            o.max_read_us,
+            run=run,
+            part=o.part,
         )
         for o in stats.outputs
     ]

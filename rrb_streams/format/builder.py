@@ -93,18 +93,21 @@ class SegmentBuilder:
 
     def finish(self) -> bytes:
         """The whole object. The builder is spent afterwards."""
+        return b"".join(self.finish_pieces())
+
+    def finish_pieces(self) -> list[bytes]:
+        """The whole object as the pieces it is made of, for a streamed put that need not
+        join them (a copy of the object). The builder is spent afterwards."""
         self.close_block()
         if not self._infos:
             raise ValueError("a segment needs at least one record")
-        out = self._out
+        out, self._out = self._out, []
         out += footer_bytes(self._infos, self._offset)
         h = hashlib.sha256()
         for part in out:
             h.update(part)
         out += (h.digest(), TRAILER_MAGIC)
-        data = b"".join(out)
-        self._out = []
-        return data
+        return out
 
     @property
     def blocks(self) -> tuple[BlockInfo, ...]:

@@ -68,6 +68,10 @@ class Entry:
     sealed: int | None = None  # the id of the snapshot that stands for it
     snapshot: int | None = None  # for a snapshot part: its snapshot's id
     damaged: str | None = None  # why compaction leaves it alone
+    #: The merge that wrote it, and its place among that merge's outputs: the outputs of one
+    #: merge hold key ranges that follow each other, so a later merge reads them as one input.
+    run: str | None = None
+    part: int = 0
 
 
 @dataclass(frozen=True, slots=True)

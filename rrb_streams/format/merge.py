@@ -37,7 +37,7 @@ from rrb_streams.format.segment import BlockInfo, Footer, decode_block, new_uid,
 from rrb_streams.storage.base import Storage
 
 RUN_BYTES = 1 << 20  # compressed bytes one GET of an input fetches at most
-PART_BYTES = 64 << 20  # an output object closes at the first key boundary past this size
+PART_BYTES = 32 << 20  # an output object closes at the first key boundary past this size
 PROGRESS_EVERY = 10.0  # seconds between progress reports of a long merge
 
 Policy = Callable[[list[KeyRecord]], Iterable[KeyRecord]]  # one key's records, oldest first
@@ -63,6 +63,7 @@ class Output:
     max_stamp: int
     min_read_us: int
     max_read_us: int
+    part: int  # its place among the merge's outputs, which follow each other in key order
 
 
 @dataclass
@@ -175,7 +176,8 @@ def _merge(
             return
         builder.close_block()
         blocks, records = builder.blocks, builder.records
-        data = builder.finish()
+        pieces = builder.finish_pieces()
+        size = sum(map(len, pieces))
         builder = None
         name = segment_name(
             prefix,
@@ -185,17 +187,20 @@ def _merge(
             new_uid(),
         )
         written.append(name)
-        anyio.from_thread.run(storage.put, name, data)
-        stats.bytes_out += len(data)
+        # Streamed from its pieces: joining them would hold the part twice.
+        anyio.from_thread.run(storage.put_stream, name, pieces)
+        del pieces
+        stats.bytes_out += size
         stats.outputs.append(
             Output(
                 name,
-                len(data),
+                size,
                 records,
                 min(b.min_stamp for b in blocks),
                 max(b.max_stamp for b in blocks),
                 min(b.min_read_at_us for b in blocks),
                 max(b.max_read_at_us for b in blocks),
+                len(stats.outputs),
             )
         )
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from rrb_streams.compact.compactor import Compactor, PassReport, Schedule
+from rrb_streams.compact.compactor import (
+    FAN_IN,
+    MERGE_BYTES,
+    Compactor,
+    PassReport,
+    Schedule,
+    _groups,
+)
 from rrb_streams.format import manifest as mf
+from rrb_streams.format.merge import RUN_BYTES
 from rrb_streams.format.ranges import FooterStats, plan_ranges, read_footers, read_range
 from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.format.view import BeforeRetention, read_view
@@ -155,3 +163,30 @@ async def test_a_compactor_that_lost_the_lease_commits_nothing() -> None:
     assert report.lost and not report.steps
     assert await mf.manifest_names(storage, "") == []
     assert [i.name async for i in storage.list("segments/1/")] == []
+
+
+async def test_a_history_of_more_runs_than_one_merge_reads_still_makes_a_snapshot() -> None:
+    storage, history = MemoryStorage(), History()
+    c = compactor(storage, level2_every=3600.0, part_bytes=1024)  # 1 KiB parts: many per run
+    for i in range(FAN_IN + 3):
+        await history.write(storage, 40, at_us=ago(900 - i * 10), seed=i)
+        await c.run_pass()  # each pass's level-1 merge is one run
+    runs = {e.run for e in c.manifest.objects if e.level == 1}
+    assert len(runs) == FAN_IN + 3
+    with anyio.fail_after(30):
+        report = await c.run_pass(snapshot=True)
+    assert [s.step for s in report.steps] == ["level2", "snapshot"]
+    assert len(c.manifest.snapshots) == 1
+    assert await stored(storage) == history.truth()
+    for t in (ago(850), ago(600)):
+        assert await stored(storage, t) == history.truth(t)
+
+
+def test_merges_are_cut_by_memory_and_always_join_at_least_two_runs() -> None:
+    big = [[(f"b{i}", None)] for i in range(100)]  # each costs a whole run buffer
+    sizes = {f"b{i}": 10 * RUN_BYTES for i in range(100)}
+    groups = _groups(big, sizes)  # type: ignore[arg-type]
+    assert all(2 <= len(g) <= MERGE_BYTES // RUN_BYTES for g in groups[:-1])
+    assert sum(map(len, groups)) == 100
+    huge = [[("h0", None)], [("h1", None)]]
+    assert len(_groups(huge, {"h0": 1 << 40, "h1": 1 << 40})) == 1  # type: ignore[arg-type]
