@@ -115,7 +115,9 @@ class Manifest:
         return [e for e in self.objects if e.level == level and e.sealed is None and not e.damaged]
 
     def snapshot_parts(self, snapshot_id: int) -> list[Entry]:
-        return sorted((e for e in self.objects if e.snapshot == snapshot_id), key=lambda e: e.name)
+        """A snapshot's parts in key order: the order its merge wrote them in."""
+        parts = (e for e in self.objects if e.snapshot == snapshot_id)
+        return sorted(parts, key=lambda e: (e.part, e.name))
 
     def base_for(self, at_us: int | None) -> Snapshot | None:
         """The newest snapshot that stands for everything it sealed at ``at_us``."""

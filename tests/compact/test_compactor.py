@@ -15,7 +15,13 @@ from rrb_streams.compact.compactor import (
 )
 from rrb_streams.format import manifest as mf
 from rrb_streams.format.merge import RUN_BYTES
-from rrb_streams.format.ranges import FooterStats, plan_ranges, read_footers, read_range
+from rrb_streams.format.ranges import (
+    FooterStats,
+    plan_ranges,
+    read_footer_of,
+    read_footers,
+    read_range,
+)
 from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.format.view import BeforeRetention, read_view
 from rrb_streams.logs import get_logger
@@ -190,3 +196,20 @@ def test_merges_are_cut_by_memory_and_always_join_at_least_two_runs() -> None:
     assert sum(map(len, groups)) == 100
     huge = [[("h0", None)], [("h1", None)]]
     assert len(_groups(huge, {"h0": 1 << 40, "h1": 1 << 40})) == 1  # type: ignore[arg-type]
+
+
+async def test_a_snapshot_of_many_parts_is_read_in_key_order_by_the_next_one() -> None:
+    storage, history = MemoryStorage(), History()
+    c = compactor(storage, part_bytes=512)  # dozens of parts per snapshot
+    for round_ in range(3):
+        for i in range(10):
+            await history.write(
+                storage, 20, at_us=ago(900 - round_ * 200 - i), seed=round_ * 50 + i
+            )
+        report = await c.run_pass(snapshot=True)
+        assert not report.damaged, report.damaged
+    parts = c.manifest.snapshot_parts(c.manifest.snapshots[-1].id)
+    assert len(parts) > 10 and [e.part for e in parts] == list(range(len(parts)))
+    async for info in storage.list("segments/"):
+        await read_footer_of(storage, info)  # every output's index is valid
+    assert await stored(storage) == history.truth()
