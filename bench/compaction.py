@@ -644,14 +644,14 @@ class Live:
 
 
 class Stuck(Exception):
-    """A pass that does not end: it merges level 2 again and again, or its outputs pile up."""
+    """A pass that does not end: it commits version after version, or its outputs pile up."""
 
 
 class Counting:
     """A :class:`~rrb_streams.storage.base.Storage` that counts the S3 requests its calls
     would be, as made (``sim``) and at ``scale`` times the bytes (``real``), and keeps
-    :class:`Live` up to date. Raises :class:`Stuck` when a pass commits a level-2 merge more
-    than ``level2_limit`` times, or the store outgrows ``byte_limit``."""
+    :class:`Live` up to date. Raises :class:`Stuck` when a pass commits more than
+    ``commit_limit`` manifest versions, or the store outgrows ``byte_limit``."""
 
     def __init__(self, inner: MemoryStorage, live: Live, scale: int) -> None:
         self.inner = inner
@@ -660,8 +660,12 @@ class Counting:
         self.sim: Counter[str] = Counter()
         self.real: Counter[str] = Counter()
         self._read: Counter[str] = Counter()  # block bytes read per object, this pass
-        self.steps: Counter[str] = Counter()  # manifest versions per step, this pass
-        self.level2_limit = 0
+        # What each manifest version of this pass did: a step (its own ``last``), a damaged
+        # input set aside, or something else (deletions, retention, orphans).
+        self.commits: Counter[str] = Counter()
+        self._last_at: Any = None
+        self._damaged = 0
+        self.commit_limit = 0
         self.byte_limit = 0
 
     @property
@@ -686,12 +690,19 @@ class Counting:
         self.sim["PUT"] += 1
         self.real["PUT"] += 1
         if mf.is_manifest_name(name):
-            step = mf.decode(data, name).last.get("step", "")
-            self.steps[step] += 1
-            if self.level2_limit and self.steps["level2"] > self.level2_limit:
+            m = mf.decode(data, name)
+            damaged = [e.name for e in m.objects if e.damaged]
+            if len(damaged) > self._damaged:
+                self.commits[f"set aside as damaged: {damaged[-1]}"] += 1
+            elif m.last.get("at_us") != self._last_at:
+                self.commits[f"step {m.last.get('step')}"] += 1
+            else:
+                self.commits["other"] += 1
+            self._damaged, self._last_at = len(damaged), m.last.get("at_us")
+            if self.commit_limit and sum(self.commits.values()) > self.commit_limit:
                 raise Stuck(
-                    f"level 2 merged {self.steps['level2']} times in one pass, its objects "
-                    f"never fewer than the snapshot's FAN_IN ({compactor_module.FAN_IN})"
+                    f"{sum(self.commits.values())} manifest versions in one pass: "
+                    + ", ".join(f"{n} x {what}" for what, n in self.commits.most_common(4))
                 )
         await self.inner.put_new(name, data)
         self.live.put(name, len(data))
@@ -820,7 +831,7 @@ async def simulate(
     live = Live()
     uploader = Counting(store, live, scale)
     comp = Counting(store, live, scale)
-    comp.level2_limit = 3
+    comp.commit_limit = 30
     comp.byte_limit = 3 << 30
     start_us = time.time_ns() // 1000
     clock = [start_us]
@@ -883,7 +894,7 @@ async def simulate(
                 chosen = [rnd.randrange(keys) for _ in range(count)]
                 await write(records(count, clock[0] - 1_000_000, chosen))
             if s % look_s == 0:
-                comp.steps.clear()
+                comp.commits.clear()
                 seq = compactor.manifest.seq
                 t = time.perf_counter()
                 try:
@@ -1039,14 +1050,16 @@ def cost_figure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         if comp is None:
             rows.append({"rate": rate, "error": f"simulation incomplete: {sim['stuck']}"})
             continue
-        # A stuck simulation never reached retention: its window is the first day, whose
-        # store ends holding one day of history; a steady one holds one to two.
+        # A simulation stuck before its first snapshot never reached retention: its window
+        # is the first day, whose store ends holding one day of history; a steady one holds
+        # one to two.
         stuck = sim["stuck"] is not None
+        first_day = stuck and not sim["snapshots"]
         up_put = up["PUT_per_day"] + up["POST_per_day"]
         up_list = up["LIST_per_day"]
         up_get = up["GET_per_day"]
         comp_put = comp["PUT"] + comp["POST"]
-        seg_gib = sim["window_end_real_gib"] * 1.5 if stuck else sim["window_mean_real_gib"]
+        seg_gib = sim["window_end_real_gib"] * 1.5 if first_day else sim["window_mean_real_gib"]
         seg = monthly(up_put + up_list + comp_put + comp["LIST"], up_get + comp["GET"], seg_gib)
         keys_put = (keys_m["PUT_per_change"] + keys_m["POST_per_change"]) * rate * DAY
         keys_list = keys_m["LIST_per_change"] * rate * DAY
@@ -1057,6 +1070,7 @@ def cost_figure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             {
                 "rate": rate,
                 "stuck": stuck,
+                "first_day_only": first_day,
                 "uploader_put_per_day": up_put,
                 "uploader_get_per_day": up_get,
                 "uploader_list_per_day": up_list,
@@ -1158,7 +1172,7 @@ def rows_for(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "what": "max objects at any moment (simulation)",
                 "measured": f"{peak_objects(sim):,}"
-                + (" (first day); STUCK: the first snapshot never ends" if sim["stuck"] else ""),
+                + (" (before the stuck pass); STUCK: a pass never ended" if sim["stuck"] else ""),
                 "baseline": "-",
                 "ratio": "-",
                 "target": "-",
@@ -1233,8 +1247,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         if sim["stuck"]:
             comp += (
-                f" over hours {sim['window_h'][0]} to {sim['window_h'][1]}; then **the first "
-                f"snapshot never ends**: {sim['stuck']}"
+                f" over hours {sim['window_h'][0]} to {sim['window_h'][1]}; then **a pass "
+                f"never ended**: {sim['stuck']}"
             )
         lines.append(
             "| a day at 1,000 changes/s | uploader: `rrb` to moto at 1,000 distinct-key "
@@ -1276,9 +1290,10 @@ def markdown(report: dict[str, Any]) -> str:
         if any(r.get("stuck") for r in cost["rows"]):
             out += [
                 "",
-                "(a) compaction's first snapshot never completes at this rate (see the "
-                "simulation's `stuck`): its requests are those of the first day (levels 1 and "
-                "2 only), and its storage is 1.5x what the first day ends holding.",
+                "(a) a compaction pass at this rate never ended (the simulation's `stuck` says "
+                "how): the requests are those of the last whole simulated day before it, and "
+                "when that was the first day (no snapshot yet) the storage is 1.5x what it "
+                "ended holding.",
             ]
     return "\n".join(out)
 

@@ -69,6 +69,7 @@ CALL_TIMEOUT_LEASES = 4
 
 _LEASE_POLL_MIN = 0.01  # seconds; doubles per failed attempt to take a lease
 _LEASE_POLL_MAX = 0.25
+_YIELD_AFTER_FAILURE = 2 * _LEASE_POLL_MAX  # seconds: see _round
 _ENCODE_IN_THREAD = 1 << 20  # bytes of payload above which checksumming leaves the event loop
 
 
@@ -258,6 +259,11 @@ class BatchProcessor:
             out = await self._write_round(work, token, held, to_write)
         except BaseException:
             await self._let_go(token, held)
+            # Give the keys up for longer than any peer polls for them: an uploader whose
+            # storage hangs would otherwise take them back at once, round after round, and a
+            # healthy peer waiting on them would rarely find them free.
+            for k in held:
+                k.not_before = anyio.current_time() + _YIELD_AFTER_FAILURE
             raise
         releases = [Release(k.db, k.hash) for k in covered]
         tail_id = None if tail is None else id_tuple(tail)
