@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -92,67 +93,10 @@ class Source:
         """
         if not keys:
             return []
-        # One formatting per key: the commands are the same three for every key.
-        template = _READ_EXACT if self._exact_expiry else _READ_PTTL
-        body = b"".join([template % ((len(k), k) * _COMMANDS_PER_KEY) for k in keys]) + _TIME
-        replies = await transaction_packed(self.client(db), body, len(keys) * _COMMANDS_PER_KEY + 1)
-        clock = replies[-1]
-        if isinstance(clock, Exception):
-            raise clock
-        sec, usec = clock
-        read_at_us = int(sec) * 1_000_000 + int(usec)
-        out: list[KeyRecord | KeyReadError] = []
-        record = self._record
-        for i, (key, dump, expiry, type_) in enumerate(
-            zip(keys, replies[0:-1:3], replies[1:-1:3], replies[2:-1:3], strict=True)
-        ):
-            if (
-                isinstance(dump, Exception)
-                or isinstance(expiry, Exception)
-                or isinstance(type_, Exception)
-            ):
-                failed = next(r for r in (dump, expiry, type_) if isinstance(r, Exception))
-                if not isinstance(failed, ResponseError):
-                    raise failed
-                out.append(KeyReadError(key, f"source refused to read the key: {failed}"))
-                continue
-            stamp = 0 if stamps is None else stamps[i]
-            out.append(record(db, key, entry_ids[i], read_at_us, dump, expiry, type_, stamp))
-        return out
-
-    def _record(
-        self,
-        db: int,
-        key: bytes,
-        entry_id: str,
-        read_at_us: int,
-        dump: bytes | None,
-        expiry: int,
-        type_: bytes | str,
-        stamp: int,
-    ) -> KeyRecord:
-        if dump is None:
-            return KeyRecord(
-                key, db, "none", None, read_at_us, entry_id, self.redis_version, b"", True, stamp
-            )
-        expiry = int(expiry)
-        if expiry < 0:
-            expire_at_ms = None
-        elif self._exact_expiry:
-            expire_at_ms = expiry
-        else:
-            expire_at_ms = read_at_us // 1000 + expiry
-        type_name = type_.decode("ascii") if isinstance(type_, bytes) else str(type_)
-        return KeyRecord(
-            key=key,
-            db=db,
-            type=type_name,
-            expire_at_ms=expire_at_ms,
-            read_at_us=read_at_us,
-            entry_id=entry_id,
-            redis_version=self.redis_version,
-            payload=bytes(dump),
-            stamp=stamp,
+        body = read_body(keys, exact_expiry=bool(self._exact_expiry))
+        replies = await transaction_packed(self.client(db), body, read_count(len(keys)))
+        return records_from(
+            replies, db, keys, entry_ids, stamps, self.redis_version, bool(self._exact_expiry)
         )
 
     async def close(self) -> None:
@@ -163,6 +107,107 @@ class Source:
 
     def __repr__(self) -> str:
         return f"Source({redact_url(self.url)!r})"
+
+
+def read_body(keys: Sequence[bytes], *, exact_expiry: bool) -> bytes:
+    """The packed commands that read ``keys`` (``DUMP``, expiry, ``TYPE`` each), then ``TIME``:
+    the body of one transaction, :func:`read_count` commands long."""
+    # One formatting per key: the commands are the same three for every key.
+    template = _READ_EXACT if exact_expiry else _READ_PTTL
+    return b"".join([template % ((len(k), k) * _COMMANDS_PER_KEY) for k in keys]) + _TIME
+
+
+def read_count(keys: int) -> int:
+    """The number of commands in :func:`read_body` of ``keys`` keys."""
+    return keys * _COMMANDS_PER_KEY + 1
+
+
+def records_from(
+    replies: Sequence[Any],
+    db: int,
+    keys: Sequence[bytes],
+    entry_ids: Sequence[str],
+    stamps: Sequence[int] | None,
+    redis_version: str,
+    exact_expiry: bool,
+) -> list[KeyRecord | KeyReadError]:
+    """The records of ``keys`` from the EXEC replies of :func:`read_body`; one per key.
+
+    A key the source refused to read (a ``ResponseError`` reply) gives a ``KeyReadError``;
+    any other exception among the replies is raised.
+    """
+    clock = replies[-1]
+    if isinstance(clock, Exception):
+        raise clock
+    sec, usec = clock
+    read_at_us = int(sec) * 1_000_000 + int(usec)
+    out: list[KeyRecord | KeyReadError] = []
+    for i, (key, dump, expiry, type_) in enumerate(
+        zip(keys, replies[0:-1:3], replies[1:-1:3], replies[2:-1:3], strict=True)
+    ):
+        if (
+            isinstance(dump, Exception)
+            or isinstance(expiry, Exception)
+            or isinstance(type_, Exception)
+        ):
+            failed = next(r for r in (dump, expiry, type_) if isinstance(r, Exception))
+            if not isinstance(failed, ResponseError):
+                raise failed
+            out.append(KeyReadError(key, f"source refused to read the key: {failed}"))
+            continue
+        stamp = 0 if stamps is None else stamps[i]
+        out.append(
+            _record(
+                db,
+                key,
+                entry_ids[i],
+                read_at_us,
+                dump,
+                expiry,
+                type_,
+                stamp,
+                redis_version,
+                exact_expiry,
+            )
+        )
+    return out
+
+
+def _record(
+    db: int,
+    key: bytes,
+    entry_id: str,
+    read_at_us: int,
+    dump: bytes | None,
+    expiry: int,
+    type_: bytes | str,
+    stamp: int,
+    redis_version: str,
+    exact_expiry: bool,
+) -> KeyRecord:
+    if dump is None:
+        return KeyRecord(
+            key, db, "none", None, read_at_us, entry_id, redis_version, b"", True, stamp
+        )
+    expiry = int(expiry)
+    if expiry < 0:
+        expire_at_ms = None
+    elif exact_expiry:
+        expire_at_ms = expiry
+    else:
+        expire_at_ms = read_at_us // 1000 + expiry
+    type_name = type_.decode("ascii") if isinstance(type_, bytes) else str(type_)
+    return KeyRecord(
+        key=key,
+        db=db,
+        type=type_name,
+        expire_at_ms=expire_at_ms,
+        read_at_us=read_at_us,
+        entry_id=entry_id,
+        redis_version=redis_version,
+        payload=bytes(dump),
+        stamp=stamp,
+    )
 
 
 def _major(version: str) -> int:
