@@ -49,7 +49,7 @@ return 0
 
 
 def lease_key(own: OwnKeys) -> str:
-    return f"{own.prefix}compact:lease"
+    return own.name("compact:lease")
 
 
 class CompactionLease:

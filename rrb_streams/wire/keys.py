@@ -27,38 +27,57 @@ class OwnKeys:
     """Names of every key rrb-streams itself keeps in Redis, all under one prefix."""
 
     prefix: str = DEFAULT_OWN_PREFIX
+    #: In a Redis Cluster every name carries one hash tag, the prefix in braces
+    #: (``rrb:{rrb:}changes``), so all of them live in one slot: a script or a transaction
+    #: over several of them never spans slots. They still start with the prefix.
+    cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cluster and ("{" in self.prefix or "}" in self.prefix):
+            raise ValueError(f"own prefix {self.prefix!r}: no braces with a Redis Cluster")
+
+    def name(self, suffix: str) -> str:
+        """The own key ``suffix``: under the prefix, and in the own slot in a cluster."""
+        if self.cluster:
+            return f"{self.prefix}{{{self.prefix}}}{suffix}"
+        return f"{self.prefix}{suffix}"
+
+    @property
+    def slot_tag(self) -> bytes:
+        """A key of the own slot (what CLUSTER KEYSLOT hashes for every own name)."""
+        return self.name("").encode()
 
     @property
     def stream(self) -> str:
         """The change stream the bridge writes and uploaders read."""
-        return f"{self.prefix}changes"
+        return self.name("changes")
 
     @property
     def dead(self) -> str:
         """Entries that kept failing, with their reason."""
-        return f"{self.prefix}dead"
+        return self.name("dead")
 
     def lease(self, db: int, key_hash: str) -> str:
         """Per-key lease an uploader holds around read + write (last write wins)."""
-        return f"{self.prefix}lease:{db}:{key_hash}"
+        return self.name(f"lease:{db}:{key_hash}")
 
     def done(self, db: int, key_hash: str) -> str:
         """The newest entry id whose change is already in storage for this key."""
-        return f"{self.prefix}done:{db}:{key_hash}"
+        return self.name(f"done:{db}:{key_hash}")
 
     def index(self, db: int) -> str:
         """The stored-keys index of ``db``: a hash of raw key to the digest of its stored state."""
-        return f"{self.prefix}index:{db}"
+        return self.name(f"index:{db}")
 
     @property
     def stamp(self) -> str:
         """The ordering-stamp clock: every lease taken draws a stamp above all earlier ones."""
-        return f"{self.prefix}stamp"
+        return self.name("stamp")
 
     @property
     def leader(self) -> str:
         """The bridges' leader lease: the token of the one bridge that may write the stream."""
-        return f"{self.prefix}bridge:leader"
+        return self.name("bridge:leader")
 
     def is_own(self, key: bytes) -> bool:
         """Whether ``key`` is one of ours and must never be backed up."""

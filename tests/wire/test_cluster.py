@@ -15,6 +15,7 @@ from rrb_streams.wire.cluster import (
     node_url,
     slot_of,
 )
+from rrb_streams.wire.keys import OwnKeys
 
 
 def shards_reply() -> list[object]:
@@ -77,3 +78,17 @@ def test_slots_follow_hash_tags() -> None:
     assert slot_of(b"{user1000}.following") == slot_of(b"{user1000}.followers")
     assert slot_of(b"foo") == 12182  # the example of the cluster specification
     assert 0 <= slot_of(b"\x00\xff") < SLOTS
+
+
+def test_own_keys_in_a_cluster_share_one_slot_and_keep_the_prefix() -> None:
+    own = OwnKeys("rrb:", cluster=True)
+    names = [
+        own.stream, own.dead, own.stamp, own.leader, own.index(0),
+        own.lease(0, "ab"), own.done(0, "ab"), own.name("compact:lease"),
+    ]  # fmt: skip
+    assert {slot_of(n.encode()) for n in names} == {slot_of(own.slot_tag)}
+    assert all(own.is_own(n.encode()) for n in names)
+    assert own.stream == "rrb:{rrb:}changes"
+    assert OwnKeys("rrb:").stream == "rrb:changes"  # a single Redis keeps its names
+    with pytest.raises(ValueError, match="no braces"):
+        OwnKeys("a{b}:", cluster=True)

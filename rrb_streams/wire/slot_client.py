@@ -1,0 +1,140 @@
+"""A client for one hash slot of a Redis Cluster: connections to whichever master owns it now.
+
+rrb keeps its own keys in a cluster (the change stream, leases, done markers, the index) in
+one slot, by a hash tag, so every script and transaction over them stays in one slot. The code
+that uses them takes a plain ``redis.asyncio.Redis``; :func:`connect_slot` gives it one whose
+pool connects to the slot's current master:
+
+- the owner is read from the topology (:mod:`rrb_streams.wire.cluster`) before the first
+  connection, again every :data:`RECHECK` seconds while the client is used, and as soon as a
+  reply says the slot is elsewhere or the cluster is failing over (``MOVED``, ``CLUSTERDOWN``,
+  ``READONLY``, a connection error);
+- a connection to a node that no longer owns the slot is closed and opened to the new owner
+  when the pool hands it out, so a caller's retry after a failover reaches the new master.
+
+Callers see the failover as errors they retry anyway (every loop of ours retries
+``RedisError``). A failover may lose writes the old master acknowledged but had not
+replicated: to the bridge, that is the stream Redis restarting (its ``run_id`` changes), a
+gap it heals by rescanning.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, ConnectionPool
+from redis.exceptions import (
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    RedisError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rrb_streams.wire.cluster import Address, node_url, read_topology
+from rrb_streams.wire.connections import connect
+from rrb_streams.wire.tls import NO_TLS, TlsOptions
+from rrb_streams.wire.urls import redact_url
+
+RECHECK = 5.0  # seconds between topology reads while nothing went wrong
+_SUSPECT_MIN = 0.2  # seconds between topology reads after errors
+_SUSPICIOUS = (MovedError, ClusterDownError, ReadOnlyError, RedisConnectionError, RedisTimeoutError)
+
+
+class SlotOwner:
+    """Where one slot lives now, learned from any node that answers."""
+
+    def __init__(self, url: str, slot: int, *, tls: TlsOptions = NO_TLS) -> None:
+        self.url = url
+        self.slot = slot
+        self._tls = tls
+        self.address: Address | None = None
+        self._nodes: list[Address] = []
+        self._checked = 0.0
+        self._suspect = False
+
+    def suspect(self) -> None:
+        """A reply suggested the slot moved: read the topology before the next connection."""
+        self._suspect = True
+
+    async def current(self) -> Address:
+        """The owner's address, read again when due."""
+        now = time.monotonic()
+        due = now - self._checked >= (_SUSPECT_MIN if self._suspect else RECHECK)
+        if self.address is None or due:
+            await self.refresh()
+        assert self.address is not None
+        return self.address
+
+    async def refresh(self) -> None:
+        """Ask the known nodes, then the URL's node, which master owns the slot."""
+        self._checked = time.monotonic()
+        last: BaseException | None = None
+        for url in [*(node_url(self.url, *a) for a in self._nodes), self.url]:
+            r = connect(url, name="rrb-topology", tls=self._tls)
+            try:
+                topology = await read_topology(r, redact_url(url))
+            except (RedisError, OSError) as exc:
+                last = exc
+                continue
+            finally:
+                await r.aclose()
+            owner = topology.owner(self.slot)
+            if owner is None:
+                last = ClusterDownError(f"slot {self.slot} has no master")
+                continue
+            self.address = owner.address
+            self._nodes = [n.address for n in topology.nodes]
+            self._suspect = False
+            return
+        if self.address is None:
+            raise RedisConnectionError(
+                f"no node of the cluster at {redact_url(self.url)} answers: {last}"
+            )
+
+
+class _Follows:
+    """Mixed into a connection class: flags the owner as suspect on a telling reply."""
+
+    owner: SlotOwner
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _SUSPICIOUS:
+            self.owner.suspect()
+            raise
+
+
+class SlotPool(ConnectionPool):
+    """A pool whose connections go to the slot's current master."""
+
+    def __init__(self, owner: SlotOwner, **kwargs: Any) -> None:
+        base = kwargs.pop("connection_class", Connection)
+        follows = type(f"Slot{base.__name__}", (_Follows, base), {"owner": owner})
+        super().__init__(connection_class=follows, **kwargs)
+        self.owner = owner
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        host, port = await self.owner.current()
+        self.connection_kwargs.update(host=host, port=port)
+        conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        if (conn.host, conn.port) != (host, port):
+            await conn.disconnect()
+            conn.host, conn.port = host, port
+            await conn.connect()
+        return conn
+
+
+def connect_slot(url: str, slot: int, *, name: str = "rrb", tls: TlsOptions = NO_TLS) -> Redis:
+    """A client of the master owning ``slot`` of the cluster that ``url``'s node is part of.
+    Lazy, like :func:`rrb_streams.wire.connections.connect`."""
+    template = connect(url, name=name, tls=tls)  # the options every client of ours gets
+    kwargs = dict(template.connection_pool.connection_kwargs)
+    kwargs["connection_class"] = template.connection_pool.connection_class
+    kwargs["db"] = 0
+    pool = SlotPool(SlotOwner(url, slot, tls=tls), **kwargs)
+    return Redis.from_pool(pool)
