@@ -52,13 +52,16 @@ class _Masked:
 
 
 class _OwnKeys:
-    """``own``: rrb's own key names, under the settings' ``own_prefix``."""
+    """``own``: rrb's own key names, under the settings' ``own_prefix``, in one slot when they
+    live in a Redis Cluster (``stream_cluster``, found at start: see
+    :func:`rrb_streams.wire.cluster.probe`)."""
 
     own_prefix: str
+    stream_cluster: bool
 
     @property
     def own(self) -> OwnKeys:
-        return OwnKeys(self.own_prefix)
+        return OwnKeys(self.own_prefix, cluster=self.stream_cluster)
 
 
 class _SourceStream(_OwnKeys):
@@ -66,6 +69,7 @@ class _SourceStream(_OwnKeys):
 
     source_url: str
     stream_url: str | None
+    source_cluster: bool
 
     @property
     def effective_stream_url(self) -> str:
@@ -81,10 +85,13 @@ class BridgeConfig(_SourceStream, _Masked):
     pattern: str = "*"
     all_dbs: bool = False
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
+    source_cluster: bool = False  # the source is a Redis Cluster: found at start
     batch_size: int = 500  # events per pipelined XADD batch
     scan_count: int = 1000  # SCAN COUNT per step of a gap rescan
     scan_pause: float = 0.001  # seconds between rescan steps, so Redis serves others
     watch_interval: float = 1.0  # seconds between run_id checks
+    topology_interval: float = 1.0  # seconds between topology reads of a cluster source
     max_backoff: float = 10.0
     # Managed Redis often blocks CONFIG while the parameter group already sets the flags.
     assume_notifications: bool = False  # never read or set notify-keyspace-events
@@ -103,7 +110,7 @@ class BridgeConfig(_SourceStream, _Masked):
             raise ConfigError("invalid --own-prefix '': must not be empty")
         for name in ("batch_size", "scan_count"):
             _positive(name, getattr(self, name))
-        for name in ("watch_interval", "max_backoff", "leader_lease"):
+        for name in ("watch_interval", "topology_interval", "max_backoff", "leader_lease"):
             _positive(name, getattr(self, name))
         if not math.isfinite(self.leader_lease):
             raise ConfigError(f"invalid --leader-lease {self.leader_lease!r}: must be finite")
@@ -133,6 +140,8 @@ class UploadConfig(_SourceStream, _Masked):
     group: str = DEFAULT_GROUP
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
+    source_cluster: bool = False  # the source is a Redis Cluster: found at start
     batch_size: int = 500  # entries per XREADGROUP
     linger: float = 0.1  # seconds a short batch waits to fill, so hot keys coalesce
     claim_idle: float = 30.0  # seconds before another consumer's pending entry is claimed
@@ -202,6 +211,7 @@ class CompactConfig(_OwnKeys, _Masked):
     stream_url: str
     path_prefix: str = ""
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
     retention: float = 86400.0  # seconds of history every --at moment of which is exact
     level1_every: float = 300.0
     level2_every: float = 3600.0
@@ -236,6 +246,7 @@ class StatusConfig(_OwnKeys, _Masked):
 
     stream_url: str
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
     as_json: bool = False
     storage: StorageSpec | None = None  # --storage: also show the backup kept there
     path_prefix: str = ""
@@ -278,6 +289,7 @@ class RestoreConfig(_OwnKeys, _Masked):
     dry_run: bool = False
     consumer: str = field(default_factory=default_consumer)
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
     batch_size: int = 200  # objects per restore-stream entry: a writer's unit of work
     range_bytes: int = 4 << 20  # segment layout: record bytes per key range (a unit of work)
     retry_timeout: float = 60.0  # seconds of continuous failure before giving up
@@ -357,6 +369,8 @@ class VerifyConfig(_SourceStream, _Masked):
     match: str = "*"
     all_dbs: bool = False
     own_prefix: str = DEFAULT_OWN_PREFIX
+    stream_cluster: bool = False  # the own keys' Redis is a cluster: found at start
+    source_cluster: bool = False  # the source is a Redis Cluster: found at start
     repair: bool = False
     recheck_delay: float = 2.0  # seconds before a difference is checked again
     chunk_size: int = 256  # objects fetched and compared together

@@ -62,7 +62,7 @@ from rrb_streams.wire import index
 from rrb_streams.wire.entries import id_tuple, parse_entry
 from rrb_streams.wire.group import GroupReader, RawEntry
 from rrb_streams.wire.index import Stored
-from rrb_streams.wire.source import KeyReadError, Source
+from rrb_streams.wire.source import KeyReadError, KeySource
 
 #: A storage call that outlasts this many leases is treated as hung and given up on.
 CALL_TIMEOUT_LEASES = 4
@@ -128,7 +128,7 @@ class BatchProcessor:
         cfg: UploadConfig,
         storage: Storage,
         stream_r: Redis,
-        source: Source,
+        source: KeySource,
         leases: Leases,
         limiter: anyio.CapacityLimiter,
         stats: UploadStats,

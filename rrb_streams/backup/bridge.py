@@ -39,6 +39,8 @@ reconnect is a gap like any other.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -47,6 +49,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from rrb_streams.backup.cluster_nodes import ClusterNodes
 from rrb_streams.backup.leader import Leadership
 from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.backup.notify import (
@@ -61,10 +64,12 @@ from rrb_streams.errors import DependencyError
 from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
+from rrb_streams.wire.cluster import Address
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.entries import NewEntry, entry_pairs, now_ms
 from rrb_streams.wire.group import ensure_group
 from rrb_streams.wire.keys import DEFAULT_GROUP
+from rrb_streams.wire.slot_client import connect_own
 from rrb_streams.wire.urls import redact_url, url_db
 
 _READ_TIMEOUT = 1.0  # seconds; waking up lets redis-py health-check an idle subscription
@@ -106,6 +111,10 @@ class Bridge:
         self._leadership: Leadership | None = None
         self._announced = False
         self._term_reason = "startup"
+        # A Redis Cluster source: its masters, each with a subscription of its own.
+        self._cluster = (
+            ClusterNodes(cfg.source_url, tls=cfg.tls, log=self._log) if cfg.source_cluster else None
+        )
 
     def stop(self) -> None:
         """Ask ``run`` to stop reading, write what it already read, and return."""
@@ -128,8 +137,8 @@ class Bridge:
         self._clients[self._db] = source
         self._stream = (
             source
-            if cfg.stream_url is None
-            else connect(cfg.stream_url, name="rrb-bridge", tls=cfg.tls)
+            if cfg.stream_url is None and self._cluster is None
+            else connect_own(cfg.effective_stream_url, self._own, name="rrb-bridge", tls=cfg.tls)
         )
         subscriber = connect(cfg.source_url, name="rrb-bridge-sub", tls=cfg.tls)
         try:
@@ -157,6 +166,8 @@ class Bridge:
                 for client in {id(c): c for c in (*self._clients.values(), self._stream)}.values():
                     await client.aclose()
                 await subscriber.aclose()
+                if self._cluster is not None:
+                    await self._cluster.close()
 
     async def _lead(self, subscriber: Redis, reason: str, task_status: TaskStatus[None]) -> None:
         """One term as the leader: subscribe, rescan (for ``reason``), forward events and heal
@@ -177,7 +188,10 @@ class Bridge:
                     if self._stop_requested:
                         self._producers.cancel()
                     async with anyio.create_task_group() as producers:
-                        await producers.start(self._subscribe_loop, subscriber, send)
+                        if self._cluster is None:
+                            await producers.start(self._subscribe_loop, subscriber, send)
+                        else:
+                            await producers.start(self._subscribe_cluster, self._cluster, send)
                         self._announce(task_status)
                         rescanner = Rescanner(
                             cfg,
@@ -186,6 +200,7 @@ class Bridge:
                             self._stream,
                             self._log,
                             metrics=self._metrics,
+                            cluster=self._cluster,
                         )
                         producers.start_soon(rescanner.run, send)
                         producers.start_soon(self._watch_loop)
@@ -207,10 +222,13 @@ class Bridge:
         if stream is not source:
             await ping(stream, cfg.effective_stream_url, "stream Redis")
         try:
-            if not cfg.assume_notifications:
+            if self._cluster is not None:
+                await self._cluster.prepare(notifications=not cfg.assume_notifications)
+            elif not cfg.assume_notifications:
                 await self._ensure_notifications(source)
-            self._run_ids["source"] = await _run_id(source)
-            self._wipes["source"] = await _wipe_calls(source)
+            if self._cluster is None:
+                self._run_ids["source"] = await _run_id(source)
+                self._wipes["source"] = await _wipe_calls(source)
         except TRANSIENT as exc:
             where = redact_url(cfg.source_url)
             raise DependencyError(f"source Redis at {where} failed at start: {exc}") from exc
@@ -234,9 +252,14 @@ class Bridge:
         self,
         subscriber: Redis,
         send: MemoryObjectSendStream[NewEntry],
+        on_confirmed: Callable[[], Awaitable[None]] | None = None,
+        where: str | None = None,
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Subscribe ``subscriber`` (the source's, or ``where``: a cluster node's) and forward
+        its events, for ever; ``on_confirmed`` runs on each confirmed subscription (by
+        default :meth:`_on_subscribed`)."""
         cfg = self._cfg
         db = None if cfg.all_dbs else self._db
         channel = channel_pattern(db, cfg.pattern)
@@ -258,7 +281,10 @@ class Bridge:
                         # re-sends PSUBSCRIBE, and this confirmation (of the last pattern: only
                         # then are events of every watched key on their way) is how we learn
                         # of it.
-                        await self._on_subscribed(channel, task_status)
+                        if on_confirmed is None:
+                            await self._on_subscribed(channel, task_status)
+                        else:
+                            await on_confirmed()
                         retrying.succeeded("subscriber")
             except ResponseError as exc:
                 if len(patterns) > 1:
@@ -268,8 +294,8 @@ class Bridge:
                     patterns = [channel]
                 elif not self._subscribed:
                     raise DependencyError(
-                        f"source Redis at {redact_url(cfg.source_url)} refused PSUBSCRIBE "
-                        f"{channel}: {exc}"
+                        f"source Redis at {redact_url(where or cfg.source_url)} refused "
+                        f"PSUBSCRIBE {channel}: {exc}"
                     ) from exc
                 else:
                     error = exc
@@ -280,6 +306,79 @@ class Bridge:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if error is not None:
                 await retrying.failed("subscriber", error)
+
+    async def _subscribe_cluster(
+        self,
+        cluster: ClusterNodes,
+        send: MemoryObjectSendStream[NewEntry],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe on every master of the cluster, following the topology: a master that
+        appears (a failover, a node added) is subscribed and is a gap; one that is no longer
+        a master is dropped. Started once every master is subscribed."""
+        cfg = self._cfg
+        scopes: dict[Address, anyio.CancelScope] = {}
+        confirmed: set[Address] = set()
+        initial: set[Address] = set()
+        retrying = self._retrying("topology")
+
+        def maybe_started() -> None:
+            if not self._subscribed and initial and initial <= confirmed:
+                self._subscribed = True
+                self._log.info("bridge.subscribed", masters=len(confirmed))
+                task_status.started()
+                self._gaps.report(self._term_reason)
+
+        async def on_node(address: Address) -> None:
+            node = f"{address[0]}:{address[1]}"
+            if address in confirmed:  # subscribed again: events were missed meanwhile
+                cluster.forget(address)  # a restarted node has its config file's flags
+                self._gaps.report("reconnect", node=node)
+            elif self._subscribed:
+                confirmed.add(address)
+                self._gaps.report("cluster_master", node=node)
+            else:
+                confirmed.add(address)
+                maybe_started()
+
+        async def one(address: Address, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+            subscriber = connect(cluster.url_of(address), name="rrb-bridge-sub", tls=cfg.tls)
+            try:
+                with anyio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await self._subscribe_loop(
+                        subscriber,
+                        send,
+                        functools.partial(on_node, address),
+                        cluster.url_of(address),
+                    )
+            finally:
+                with anyio.move_on_after(5, shield=True):
+                    await subscriber.aclose()
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    topology = await cluster.refresh()
+                except TRANSIENT as exc:
+                    await retrying.failed("topology", exc)
+                    continue
+                retrying.succeeded("topology")
+                masters = {m.address for m in topology.masters}
+                for address in set(scopes) - masters:  # demoted or gone
+                    scopes.pop(address).cancel()
+                    confirmed.discard(address)
+                for node in topology.nodes:
+                    if not cfg.assume_notifications:
+                        await cluster.configure(node)
+                for address in sorted(masters - set(scopes)):
+                    scopes[address] = await tg.start(one, address)
+                if not self._subscribed:  # the masters of now: a dead one may be replaced
+                    initial.clear()
+                    initial.update(masters)
+                    maybe_started()
+                await anyio.sleep(cfg.topology_interval)
 
     async def _on_subscribed(self, channel: str, task_status: TaskStatus[None]) -> None:
         if self._subscribed:

@@ -19,8 +19,9 @@ and they feed the same bounded channel as live events, so they can never outrun 
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import anyio
@@ -28,12 +29,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from rrb_streams.backup.cluster_nodes import ClusterNodes
 from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.config import BridgeConfig
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.wire.entries import SCAN_EVENT, NewEntry, now_ms
-from rrb_streams.wire.index import absent_page, indexed_dbs
+from rrb_streams.wire.index import absent_page, exist_on, indexed_dbs
 from rrb_streams.wire.urls import url_db
 
 DEFAULT_DATABASES = 16  # Redis's default, assumed where CONFIG GET databases is refused
@@ -77,8 +79,12 @@ class Rescanner:
         log: Any,
         *,
         metrics: Metrics | None = None,
+        cluster: ClusterNodes | None = None,
     ) -> None:
+        """``cluster``: the source is a Redis Cluster: its one db is scanned on every master
+        (SCAN is node-local, like events), and index keys are looked up where they live."""
         self._cfg = cfg
+        self._cluster = cluster
         self._metrics = metrics
         self._db = url_db(cfg.source_url)
         self._own = cfg.own
@@ -99,7 +105,11 @@ class Rescanner:
             reasons += [r for r in await self._gaps.wait() if r not in reasons]
             generation = self._gaps.generation
             started = started or time.monotonic()
-            dbs = [self._db] if not self._cfg.all_dbs else await self._databases(generation)
+            dbs = (
+                [self._db]
+                if not self._cfg.all_dbs or self._cluster is not None
+                else await self._databases(generation)
+            )
             counts = None if dbs is None else await self._scan(send, generation, dbs)
             if counts is None:
                 self._log.info("bridge.rescan_restarted", reasons=list(reasons))
@@ -137,9 +147,25 @@ class Rescanner:
     async def _scan_keys(
         self, send: MemoryObjectSendStream[NewEntry], generation: int, db: int
     ) -> tuple[int, int] | None:
-        """SCAN ``db``: ``(keys enqueued, own keys skipped)``, or ``None`` when interrupted."""
+        """SCAN ``db`` (every master of a cluster): ``(keys enqueued, own keys skipped)``, or
+        ``None`` when interrupted."""
+        if self._cluster is None:
+            return await self._scan_node(send, generation, db, self._client(db))
+        keys = skipped = 0
+        # A master that failed over meanwhile is a gap of its own, which restarts this scan.
+        for master in self._cluster.masters():
+            found = await self._scan_node(
+                send, generation, db, self._cluster.client(master.address)
+            )
+            if found is None:
+                return None
+            keys, skipped = keys + found[0], skipped + found[1]
+        return keys, skipped
+
+    async def _scan_node(
+        self, send: MemoryObjectSendStream[NewEntry], generation: int, db: int, client: Redis
+    ) -> tuple[int, int] | None:
         cfg = self._cfg
-        client = self._client(db)
         keys = skipped = 0
         cursor = 0
         while True:
@@ -180,7 +206,7 @@ class Rescanner:
             try:
                 cursor, absent = await absent_page(
                     self._stream,
-                    self._client(db),
+                    self._exists(db),
                     self._own,
                     db,
                     cursor,
@@ -198,6 +224,13 @@ class Rescanner:
             if cursor == 0:
                 return gone
             await anyio.sleep(cfg.scan_pause)
+
+    def _exists(self, db: int) -> Callable[[Sequence[bytes]], Awaitable[list[bool]]]:
+        """How to ask whether keys of ``db`` exist: on the source, or where a cluster keeps
+        them."""
+        if self._cluster is not None:
+            return self._cluster.exists
+        return functools.partial(exist_on, self._client(db))
 
     async def _databases(self, generation: int) -> list[int] | None:
         """Every db INFO keyspace lists (those holding keys) and every db with an index, or

@@ -56,9 +56,10 @@ from rrb_streams.ops.timed import TimedStorage
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.cluster_source import open_source
+from rrb_streams.wire.connections import ping
 from rrb_streams.wire.group import GroupReader, RawEntry, ensure_group, trim
-from rrb_streams.wire.source import Source
+from rrb_streams.wire.slot_client import connect_own
 from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK = 1.0  # seconds one XREADGROUP may block
@@ -78,7 +79,7 @@ class Uploader:
         self._metrics = metrics
         if metrics is not None:
             metrics.part(UploadMetrics).track(self.stats)
-        self._source = Source(cfg.source_url, tls=cfg.tls)
+        self._source = open_source(cfg.source_url, cluster=cfg.source_cluster, tls=cfg.tls)
         self._log = get_logger("upload", consumer=cfg.consumer, stream=cfg.own.stream)
         self._stopping = StopRequest()
 
@@ -118,7 +119,7 @@ class Uploader:
         stream Redis cannot be reached; later outages are retried with capped backoff.
         """
         cfg = self.cfg
-        r = connect(cfg.effective_stream_url, name="rrb-upload", tls=cfg.tls)
+        r = connect_own(cfg.effective_stream_url, cfg.own, name="rrb-upload", tls=cfg.tls)
         reader = GroupReader(r, cfg.own.stream, cfg.group, cfg.consumer)
         try:
             await self._start(r)

@@ -13,6 +13,7 @@ from rrb_streams.cli import options
 from rrb_streams.cli.common import (
     entry,
     execute,
+    found_clusters,
     opened_storage,
     parser,
     redis_url,
@@ -116,11 +117,12 @@ def bridge(argv: Sequence[str] | None = None) -> int:
         return usage_error(p.prog, exc)
 
     async def body() -> None:
+        found = await found_clusters(cfg)
         await serve_observed(
             where,
-            lambda metrics: [Bridge(cfg, metrics)],
+            lambda metrics: [Bridge(found, metrics)],
             grace=cfg.grace,
-            **_observed(cfg),
+            **_observed(found),
             on_started=lambda: get_logger("bridge").info(
                 "bridge.started",
                 source=redact_url(cfg.source_url),
@@ -157,12 +159,14 @@ def upload(argv: Sequence[str] | None = None) -> int:
 
     async def body() -> None:
         async with opened_storage(spec) as storage:
+            found = await found_clusters(cfg)
+            compact = await found_clusters(compact_cfg)
             await serve_observed(
                 where,
-                lambda metrics: _uploaders(cfg, compact_cfg, storage, metrics),
+                lambda metrics: _uploaders(found, compact, storage, metrics),
                 grace=cfg.grace,
                 storage=storage,
-                **_observed(cfg),
+                **_observed(found),
                 on_started=lambda: get_logger("upload").info(
                     "upload.started",
                     storage=spec.description,
@@ -214,6 +218,11 @@ def rrb(argv: Sequence[str] | None = None) -> int:
         finally:
             await r.aclose()
         lines[0] += "OK!"
+        bridging = await found_clusters(bridge_cfg)
+        uploading = await found_clusters(upload_cfg)
+        compacting = await found_clusters(compact_cfg)
+        if bridging.source_cluster:
+            lines[0] += " (a Redis Cluster: every master is backed up)"
         lines.append(f"[*] Using Redis pattern: '{bridge_cfg.pattern}'")
         lines += storage_lines(spec, upload_cfg.path_prefix)
         if upload_cfg.layout == "segments":
@@ -252,8 +261,8 @@ def rrb(argv: Sequence[str] | None = None) -> int:
 
             def build(metrics: Metrics | None) -> list[Component]:
                 return [
-                    Bridge(bridge_cfg, metrics),
-                    *_uploaders(upload_cfg, compact_cfg, storage, metrics),
+                    Bridge(bridging, metrics),
+                    *_uploaders(uploading, compacting, storage, metrics),
                 ]
 
             await serve_observed(
@@ -261,7 +270,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
                 build,
                 grace=upload_cfg.grace,
                 storage=storage,
-                **_observed(bridge_cfg),
+                **_observed(bridging),
                 on_started=started,
             )
 

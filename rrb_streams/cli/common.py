@@ -20,7 +20,8 @@ import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from dataclasses import replace
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
@@ -32,8 +33,10 @@ from rrb_streams.ops.observe import Endpoint, metrics_for, observing
 from rrb_streams.service import Component, serve
 from rrb_streams.storage.base import Storage
 from rrb_streams.storage.url import StorageSpec, open_storage
+from rrb_streams.wire.cluster import probe
 from rrb_streams.wire.keys import OwnKeys
 from rrb_streams.wire.tls import TlsOptions
+from rrb_streams.wire.urls import redact_url, url_db
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 
@@ -89,6 +92,32 @@ def _first_rrb_error(exc: BaseException) -> RrbError | None:
             if found is not None:
                 return found
     return None
+
+
+Config = TypeVar("Config")
+
+
+async def found_clusters(cfg: Config) -> Config:
+    """``cfg`` with ``source_cluster`` and ``stream_cluster`` set to what its servers are: a
+    Redis Cluster node's URL means the whole cluster, with no flag. Raises
+    ``DependencyError`` when a server cannot be reached, ``ConfigError`` for a cluster URL
+    naming a db other than 0."""
+    found: dict[str, Any] = {}
+    tls: TlsOptions = getattr(cfg, "tls")  # noqa: B009 - every config has one
+    source_url: str | None = getattr(cfg, "source_url", None)
+    if source_url is not None:
+        found["source_cluster"] = await probe(source_url, tls=tls, what="source Redis")
+        if found["source_cluster"] and url_db(source_url) != 0:
+            raise ConfigError(
+                f"{redact_url(source_url)} is a Redis Cluster node, and a cluster has only "
+                "db 0: drop the db from the URL"
+            )
+    stream_url: str | None = getattr(cfg, "stream_url", None)
+    if stream_url:
+        found["stream_cluster"] = await probe(stream_url, tls=tls, what="stream Redis")
+    elif source_url is not None:
+        found["stream_cluster"] = found["source_cluster"]
+    return replace(cfg, **found)  # type: ignore[type-var]
 
 
 def execute(prog: str, debug: bool, body: Body) -> int:

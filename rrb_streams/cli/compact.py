@@ -7,11 +7,20 @@ import sys
 from collections.abc import Sequence
 
 from rrb_streams.cli import options
-from rrb_streams.cli.common import entry, execute, opened_storage, parser, redis_url, usage_error
+from rrb_streams.cli.common import (
+    entry,
+    execute,
+    found_clusters,
+    opened_storage,
+    parser,
+    redis_url,
+    usage_error,
+)
 from rrb_streams.compact.service import compact_once
 from rrb_streams.errors import ConfigError
 from rrb_streams.logs import configure, get_logger
-from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.connections import ping
+from rrb_streams.wire.slot_client import connect_own
 
 
 def compact(argv: Sequence[str] | None = None) -> int:
@@ -43,11 +52,12 @@ def compact(argv: Sequence[str] | None = None) -> int:
     log = get_logger("compact")
 
     async def body() -> int:
-        r = connect(cfg.stream_url, name="rrb-compact", tls=cfg.tls)
+        found = await found_clusters(cfg)
+        r = connect_own(found.stream_url, found.own, name="rrb-compact", tls=cfg.tls)
         try:
             await ping(r, cfg.stream_url, "stream Redis")
             async with opened_storage(spec, reading="compact") as storage:
-                report = await compact_once(cfg, storage, r, log, snapshot=args.snapshot)
+                report = await compact_once(found, storage, r, log, snapshot=args.snapshot)
         finally:
             await r.aclose()
         if report is None:

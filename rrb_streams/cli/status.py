@@ -20,6 +20,7 @@ from rrb_streams.cli import options
 from rrb_streams.cli.common import (
     entry,
     execute,
+    found_clusters,
     opened_storage,
     parser,
     redis_url,
@@ -31,7 +32,8 @@ from rrb_streams.logs import configure
 from rrb_streams.ops.backup_state import OVERDUE_FACTOR, BackupState, collect_backup, render_backup
 from rrb_streams.ops.status import StreamStatus, collect, render
 from rrb_streams.storage.url import parse_storage_url
-from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.connections import ping
+from rrb_streams.wire.slot_client import connect_own
 from rrb_streams.wire.urls import redact_url
 
 
@@ -85,10 +87,11 @@ def status(argv: Sequence[str] | None = None) -> int:
         return usage_error(p.prog, exc)
 
     async def read_stream() -> StreamStatus:
-        r = connect(cfg.stream_url, name="rrb-status", tls=cfg.tls)
+        found = await found_clusters(cfg)
+        r = connect_own(found.stream_url, found.own, name="rrb-status", tls=cfg.tls)
         try:
             await ping(r, cfg.stream_url, "stream Redis")
-            return await collect(r, cfg.own)
+            return await collect(r, found.own)
         finally:
             await r.aclose()
 

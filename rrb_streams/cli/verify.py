@@ -7,7 +7,15 @@ import sys
 from collections.abc import Sequence
 
 from rrb_streams.cli import options
-from rrb_streams.cli.common import entry, execute, opened_storage, parser, redis_url, usage_error
+from rrb_streams.cli.common import (
+    entry,
+    execute,
+    found_clusters,
+    opened_storage,
+    parser,
+    redis_url,
+    usage_error,
+)
 from rrb_streams.config import VerifyConfig, default
 from rrb_streams.errors import ConfigError
 from rrb_streams.logs import configure, get_logger
@@ -73,7 +81,7 @@ def verify(argv: Sequence[str] | None = None) -> int:
         log = get_logger("verify")
         async with opened_storage(spec, reading="verify") as storage:
             verifier = Verifier(
-                cfg,
+                await found_clusters(cfg),
                 storage,
                 progress=lambda unit: Progress(
                     tty=tty, log=log, event="verify.progress", unit=unit

@@ -24,7 +24,7 @@ from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.connections import connect
+from rrb_streams.wire.slot_client import connect_own
 
 _MAX_WAIT = 60.0  # seconds between looks, at most: a stopped compactor's successor waits this
 
@@ -110,7 +110,7 @@ class AutoCompactor:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self._cfg
-        r = connect(cfg.stream_url, name="rrb-compact", tls=cfg.tls)
+        r = connect_own(cfg.stream_url, cfg.own, name="rrb-compact", tls=cfg.tls)
         task_status.started()
         try:
             while not self._stop.requested:

@@ -29,6 +29,7 @@ from rrb_streams.ops.status import StreamStatus, collect
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.keys import OwnKeys
+from rrb_streams.wire.slot_client import connect_own
 from rrb_streams.wire.tls import TlsOptions
 
 DEFAULT_HOST = "0.0.0.0"  # scraped from other hosts, as exporters are
@@ -182,7 +183,9 @@ async def observing(
             if stream is not None:
                 url, own = stream
                 gauges = metrics.part(StreamGauges)
-                tg.start_soon(gauges.poll, client(url), own, where.poll_interval)
+                # Its own client: in a cluster it follows the own keys' slot (connect_own).
+                polled = clients[f"own:{url}"] = connect_own(url, own, name="rrb-metrics", tls=tls)
+                tg.start_soon(gauges.poll, polled, own, where.poll_interval)
             try:
                 yield server
             except Exception as exc:

@@ -92,3 +92,20 @@ class Progress:
             self._out.write("\n")
             self._out.flush()
             self._drawn = False
+
+
+class Throttled:
+    """A :class:`Progress` fed at most once per its ``interval``, and always at the end."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._last = -float("inf")
+
+    def update(self, done: int, total: int, *, listing_done: bool, final: bool = False) -> None:
+        now = anyio.current_time()
+        if final or now - self._last >= self.progress.interval:
+            self._last = now
+            self.progress.update(done, total, listing_done=listing_done)
+
+    def close(self) -> None:
+        self.progress.close()

@@ -18,16 +18,17 @@ own keys never count):
    both sides are compared as the pipeline sees them. Each key that storage holds as live
    leaves 8 bytes behind: the first 8 bytes of its SHA-256, in a sorted array per db (8 MB per
    million keys; the listing is already in hash order, so nothing is sorted).
-2. *Source to storage.* ``SCAN … MATCH`` walks the source; a key whose hash prefix is not in
-   the array is a ``missing`` candidate. Two keys sharing a 64-bit prefix would hide one
-   missing key; at a million keys the odds are below one in ten billion.
+2. *Source to storage.* ``SCAN … MATCH`` walks the source (each master of a cluster); a key
+   whose hash prefix is not in the array is a ``missing`` candidate. Two keys sharing a
+   64-bit prefix would hide one missing key; at a million keys the odds are below one in ten
+   billion.
 
 **Comparison.** Types and absolute expiries (``PEXPIRETIME``, exact on Redis 7; ±1 ms where the
 source only has ``PTTL``) must be equal. Values are compared as ``DUMP`` bodies without their
 10-byte footer (RDB version and CRC64), so a source upgraded to a newer RDB version still
 matches. ``DUMP`` is the serialised encoding, not the logical value: a key that Redis
-re-encoded without a write (a restart reloading a hash into a more compact encoding) differs
-until the bridge's rescan after that restart has re-uploaded it.
+re-encoded without a write (a restart reloading a hash more compactly) differs until the
+bridge's rescan after that restart has re-uploaded it.
 
 **Changes during the check.** A difference is only a candidate at first. After
 ``recheck_delay`` seconds it is checked once more, from a fresh read of the key and a fresh
@@ -71,14 +72,16 @@ from rrb_streams.format.ranges import (
 )
 from rrb_streams.format.selection import Item, PlanStats, has_keys_layout, select
 from rrb_streams.logs import get_logger, show_key
-from rrb_streams.ops.progress import Progress
+from rrb_streams.ops.progress import Progress, Throttled
 from rrb_streams.storage.base import Storage
 from rrb_streams.verify.report import EXAMPLES, Summary
 from rrb_streams.wire import index
-from rrb_streams.wire.connections import connect, ping
+from rrb_streams.wire.cluster_source import open_source
+from rrb_streams.wire.connections import ping
 from rrb_streams.wire.entries import entry_fields
 from rrb_streams.wire.keyglob import compile_glob
-from rrb_streams.wire.source import KeyReadError, Source
+from rrb_streams.wire.slot_client import connect_own
+from rrb_streams.wire.source import KeyReadError
 from rrb_streams.wire.urls import url_db
 
 REPAIR_EVENT = "verify"
@@ -146,7 +149,7 @@ class Verifier:
         self.summary = Summary()
         self._progress = progress
         self._log = get_logger("verify")
-        self._source = Source(cfg.source_url, tls=cfg.tls)
+        self._source = open_source(cfg.source_url, cluster=cfg.source_cluster, tls=cfg.tls)
         self._stream: Redis | None = None
         self._matches = compile_glob(cfg.match.encode())
         self._own = cfg.own
@@ -172,8 +175,8 @@ class Verifier:
         major = self._source.redis_version.split(".")[0]
         self._tolerance_ms = 0 if major.isdigit() and int(major) >= 7 else 1
         if self.cfg.repair:
-            self._stream = connect(
-                self.cfg.effective_stream_url, name="rrb-verify", tls=self.cfg.tls
+            self._stream = connect_own(
+                self.cfg.effective_stream_url, self._own, name="rrb-verify", tls=self.cfg.tls
             )
             await ping(self._stream, self.cfg.effective_stream_url, "stream Redis")
         self._log.info(
@@ -229,7 +232,7 @@ class Verifier:
         if not blocks:
             return
         self._mixed = await has_keys_layout(self.storage, prefix)
-        bar = _Shown(self._progress("records")) if self._progress else None
+        bar = Throttled(self._progress("records")) if self._progress else None
         ranges = plan_ranges(blocks)
         total = sum(r.records for r in ranges)
         done = 0
@@ -265,7 +268,7 @@ class Verifier:
     async def _storage_pass(self) -> None:
         await self._segments_pass()
         stats = PlanStats()
-        bar = _Shown(self._progress("objects")) if self._progress else None
+        bar = Throttled(self._progress("objects")) if self._progress else None
         chunk: list[tuple[int, Item]] = []
         done = 0
         try:
@@ -368,21 +371,23 @@ class Verifier:
     # -- pass 2: source to storage -------------------------------------------------------
 
     async def _dbs(self) -> list[int]:
-        if not self.cfg.all_dbs:
+        if not self.cfg.all_dbs or self.cfg.source_cluster:
             return [self._url_db]
-        info: dict[str, Any] = await self._source.client(self._url_db).info("keyspace")
+        (client,) = self._source.scan_clients(self._url_db)
+        info: dict[str, Any] = await client.info("keyspace")
         return sorted(int(name[2:]) for name in info if name.startswith("db"))
 
     async def _source_pass(self) -> None:
         dbs = await self._dbs()
         total = 0
         for db in dbs:
-            total += int(await self._source.client(db).dbsize())
-        bar = _Shown(self._progress("keys")) if self._progress else None
+            for client in self._source.scan_clients(db):
+                total += int(await client.dbsize())
+        bar = Throttled(self._progress("keys")) if self._progress else None
         done = 0
         try:
-            for db in dbs:
-                client = self._source.client(db)
+            scans = [(db, client) for db in dbs for client in self._source.scan_clients(db)]
+            for db, client in scans:  # every master's keys, in a cluster
                 known = self._known.get(db, array("Q"))
                 cursor = 0
                 while True:
@@ -550,23 +555,6 @@ class Verifier:
         await pipe.execute()
         self.summary.queued += len(repairs)
         self._log.info("verify.repairs_queued", entries=len(repairs), stream=self._own.stream)
-
-
-class _Shown:
-    """A :class:`Progress` fed at most once per its ``interval``, and always at the end."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self._last = -float("inf")
-
-    def update(self, done: int, total: int, *, listing_done: bool, final: bool = False) -> None:
-        now = anyio.current_time()
-        if final or now - self._last >= self.progress.interval:
-            self._last = now
-            self.progress.update(done, total, listing_done=listing_done)
-
-    def close(self) -> None:
-        self.progress.close()
 
 
 def _contains(known: array[int], key: bytes) -> bool:

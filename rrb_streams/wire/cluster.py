@@ -18,10 +18,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from rrb_streams.errors import ConfigError
+from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.resp import pipeline
+from rrb_streams.wire.tls import NO_TLS, TlsOptions
+from rrb_streams.wire.urls import redact_url
 
 SLOTS = 16384
 
@@ -136,8 +140,13 @@ def node_url(url: str, host: str, port: int) -> str:
 
 
 async def is_cluster(r: Redis) -> bool:
-    """Whether ``r`` is a node of a Redis Cluster (``cluster_enabled:1``)."""
-    info = await r.info("cluster")
+    """Whether ``r`` is a node of a Redis Cluster (``cluster_enabled:1``). A user that may
+    not run ``INFO`` is taken to be on a single Redis: the ACL rules for a cluster allow it
+    (docs/security.md), those of a single Redis need not."""
+    try:
+        info = await r.info("cluster")
+    except NoPermissionError:
+        return False
     return str(info.get("cluster_enabled", 0)) == "1"
 
 
@@ -231,3 +240,47 @@ def _text(raw: object) -> str:
 
 def _span(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+async def probe(url: str, *, tls: TlsOptions = NO_TLS, what: str = "Redis") -> bool:
+    """Whether the Redis at ``url`` is a cluster node. Raises ``DependencyError`` (naming
+    ``what``) when it cannot be reached."""
+    r = connect(url, name="rrb", tls=tls)
+    try:
+        await ping(r, url, what)
+        return await is_cluster(r)
+    finally:
+        await r.aclose()
+
+
+class TopologyFinder:
+    """Reads the topology from the first node that answers: the nodes it last saw (masters
+    first), then the URL it was given. A failover or a dead node never leaves it asking only
+    the node it started from."""
+
+    def __init__(self, url: str, *, tls: TlsOptions = NO_TLS, name: str = "rrb") -> None:
+        self.url = url
+        self._tls = tls
+        self._name = name
+        self._known: list[Node] = []
+
+    def url_of(self, address: Address) -> str:
+        return node_url(self.url, *address)
+
+    async def read(self) -> Topology:
+        """The topology; raises ``redis.exceptions.ConnectionError`` when no node answers."""
+        last: BaseException | None = None
+        candidates = [n.address for n in sorted(self._known, key=lambda n: not n.master)]
+        urls = [*(self.url_of(a) for a in dict.fromkeys(candidates)), self.url]
+        for url in urls:
+            r = connect(url, name=self._name, tls=self._tls)
+            try:
+                topology = await read_topology(r, redact_url(url))
+            except (RedisError, OSError) as exc:
+                last = exc
+                continue
+            finally:
+                await r.aclose()
+            self._known = topology.nodes
+            return topology
+        raise RedisConnectionError(f"no node of the cluster at {redact_url(self.url)}: {last}")

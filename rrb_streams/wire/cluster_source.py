@@ -42,10 +42,17 @@ from redis.exceptions import (
 )
 
 from rrb_streams.format.codec import KeyRecord
-from rrb_streams.wire.cluster import Address, Topology, node_url, read_topology, slot_of
+from rrb_streams.wire.cluster import Address, Topology, TopologyFinder, node_url, slot_of
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.resp import pipeline_packed
-from rrb_streams.wire.source import KeyReadError, read_body, read_count, records_from
+from rrb_streams.wire.source import (
+    KeyReadError,
+    KeySource,
+    Source,
+    read_body,
+    read_count,
+    records_from,
+)
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url
 
@@ -66,6 +73,11 @@ _ROUTING = (
     ReadOnlyError,  # a master demoted by a failover
     BusyLoadingError,
 )
+
+
+def open_source(url: str, *, cluster: bool, tls: TlsOptions = NO_TLS) -> KeySource:
+    """The source at ``url``: the whole cluster when ``cluster`` (found at start)."""
+    return ClusterSource(url, tls=tls) if cluster else Source(url, tls=tls)
 
 
 class ClusterUnavailable(RedisError):
@@ -98,6 +110,7 @@ class ClusterSource:
         self._clients: dict[Address, Redis] = {}
         self._versions: dict[Address, str] = {}
         self._topology: Topology | None = None
+        self._finder = TopologyFinder(url, tls=tls, name="rrb-upload")
         self.redis_version = ""
 
     @property
@@ -114,6 +127,10 @@ class ClusterSource:
             r = self._clients[address] = connect(url, name="rrb-upload", tls=self._tls)
         return r
 
+    def scan_clients(self, db: int) -> list[Redis]:
+        """A client of every master, as of the last topology read (``SCAN`` is node-local)."""
+        return [self.client_at(m.address) for m in self.topology.masters]
+
     async def check(self) -> None:
         """Reach the cluster, learn its shape and its masters' versions. Raises
         ``DependencyError`` when the node is unreachable, ``ConfigError`` when slots are
@@ -121,9 +138,9 @@ class ClusterSource:
         seed = connect(self.url, name="rrb-upload", tls=self._tls)
         try:
             await ping(seed, self.url, "source Redis Cluster")
-            topology = await read_topology(seed, redact_url(self.url))
         finally:
             await seed.aclose()
+        topology = await self._finder.read()
         topology.check_complete(redact_url(self.url))
         self._topology = topology
         for master in topology.masters:
@@ -134,24 +151,12 @@ class ClusterSource:
             self._exact_expiry = min(majors, default=0) >= 7
 
     async def refresh(self) -> Topology:
-        """Read the topology again, from the first node that answers: masters first."""
-        known = self._topology.nodes if self._topology is not None else []
-        candidates = [n.address for n in sorted(known, key=lambda n: not n.master)]
-        last: BaseException | None = None
-        for address in dict.fromkeys(candidates):
-            try:
-                self._topology = await read_topology(self.client_at(address), f"{address}")
-                return self._topology
-            except (RedisError, OSError) as exc:
-                last = exc
-        seed = connect(self.url, name="rrb-upload", tls=self._tls)
+        """Read the topology again, from the first node that answers."""
         try:
-            self._topology = await read_topology(seed, redact_url(self.url))
-            return self._topology
-        except (RedisError, OSError) as exc:
-            raise ClusterUnavailable(f"no node of the cluster answers: {last or exc}") from exc
-        finally:
-            await seed.aclose()
+            self._topology = await self._finder.read()
+        except RedisError as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+        return self._topology
 
     async def read(
         self,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple, cast
 
 from redis.asyncio import Redis
@@ -109,9 +109,18 @@ async def indexed_dbs(r: Redis, own: OwnKeys, candidates: Iterable[int]) -> list
     return [db for db, n in zip(dbs, found, strict=True) if n]
 
 
+async def exist_on(source: Redis, keys: Sequence[bytes]) -> list[bool]:
+    """Whether each key exists on ``source``: one pipelined ``EXISTS`` per key."""
+    exists = await resp.pipeline(source, [(b"EXISTS", key) for key in keys])
+    for reply in exists:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return [bool(n) for n in exists]
+
+
 async def absent_page(
     stream: Redis,
-    source: Redis,
+    exists: Callable[[Sequence[bytes]], Awaitable[list[bool]]],
     own: OwnKeys,
     db: int,
     cursor: int,
@@ -120,19 +129,18 @@ async def absent_page(
     count: int,
 ) -> tuple[int, list[bytes]]:
     """One step of a walk over ``db``'s index: the next cursor (0 when done), and the fields
-    of this step whose key no longer exists on ``source`` (a client of ``db``).
+    of this step whose key no longer exists, as ``exists`` tells (:func:`exist_on` a client
+    of ``db``, or a cluster's lookup where each key lives).
 
     ``HSCAN … MATCH pattern`` filters with Redis's own glob matcher, the one that also filters
     the bridge's SCAN and its keyspace subscription, so all three agree on what is watched.
     Two round trips: the ``HSCAN`` on the stream Redis, one pipelined ``EXISTS`` per field on
-    the source. A field may come twice (HSCAN's guarantee), and rrb's own keys never come.
+    the source (per master, in a cluster). A field may come twice (HSCAN's guarantee), and
+    rrb's own keys never come.
     """
     cursor, page = await stream.hscan(own.index(db), cursor=cursor, match=pattern, count=count)
     fields = [k for k in cast(dict[bytes, bytes], page) if not own.is_own(k)]
     if not fields:
         return int(cursor), []
-    exists = await resp.pipeline(source, [(b"EXISTS", key) for key in fields])
-    for reply in exists:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return int(cursor), [k for k, n in zip(fields, exists, strict=True) if not n]
+    found = await exists(fields)
+    return int(cursor), [k for k, n in zip(fields, found, strict=True) if not n]

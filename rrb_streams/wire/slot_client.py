@@ -34,8 +34,9 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from rrb_streams.wire.cluster import Address, node_url, read_topology
+from rrb_streams.wire.cluster import Address, TopologyFinder, slot_of
 from rrb_streams.wire.connections import connect
+from rrb_streams.wire.keys import OwnKeys
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url
 
@@ -50,9 +51,8 @@ class SlotOwner:
     def __init__(self, url: str, slot: int, *, tls: TlsOptions = NO_TLS) -> None:
         self.url = url
         self.slot = slot
-        self._tls = tls
         self.address: Address | None = None
-        self._nodes: list[Address] = []
+        self._finder = TopologyFinder(url, tls=tls, name="rrb-topology")
         self._checked = 0.0
         self._suspect = False
 
@@ -70,30 +70,22 @@ class SlotOwner:
         return self.address
 
     async def refresh(self) -> None:
-        """Ask the known nodes, then the URL's node, which master owns the slot."""
+        """Ask the cluster which master owns the slot. While no node answers, or none owns
+        the slot, the last owner known stays: connecting to it fails, and asks again."""
         self._checked = time.monotonic()
-        last: BaseException | None = None
-        for url in [*(node_url(self.url, *a) for a in self._nodes), self.url]:
-            r = connect(url, name="rrb-topology", tls=self._tls)
-            try:
-                topology = await read_topology(r, redact_url(url))
-            except (RedisError, OSError) as exc:
-                last = exc
-                continue
-            finally:
-                await r.aclose()
-            owner = topology.owner(self.slot)
-            if owner is None:
-                last = ClusterDownError(f"slot {self.slot} has no master")
-                continue
-            self.address = owner.address
-            self._nodes = [n.address for n in topology.nodes]
-            self._suspect = False
+        try:
+            topology = await self._finder.read()
+        except RedisError:
+            if self.address is None:
+                raise
             return
-        if self.address is None:
-            raise RedisConnectionError(
-                f"no node of the cluster at {redact_url(self.url)} answers: {last}"
-            )
+        owner = topology.owner(self.slot)
+        if owner is None:
+            if self.address is None:
+                raise ClusterDownError(f"slot {self.slot} of {redact_url(self.url)} has no master")
+            return
+        self.address = owner.address
+        self._suspect = False
 
 
 class _Follows:
@@ -138,3 +130,11 @@ def connect_slot(url: str, slot: int, *, name: str = "rrb", tls: TlsOptions = NO
     kwargs["db"] = 0
     pool = SlotPool(SlotOwner(url, slot, tls=tls), **kwargs)
     return Redis.from_pool(pool)
+
+
+def connect_own(url: str, own: OwnKeys, *, name: str = "rrb", tls: TlsOptions = NO_TLS) -> Redis:
+    """The client for rrb's own keys at ``url``: of their slot's master when they live in a
+    cluster (``own.cluster``), else a plain client."""
+    if own.cluster:
+        return connect_slot(url, slot_of(own.slot_tag), name=name, tls=tls)
+    return connect(url, name=name, tls=tls)

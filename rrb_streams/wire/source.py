@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -30,6 +30,29 @@ _READ_EXACT = b"".join(
 )
 _READ_PTTL = _READ_EXACT.replace(b"$11\r\nPEXPIRETIME", b"$4\r\nPTTL")
 _TIME = b"*1\r\n$4\r\nTIME\r\n"
+
+
+class KeySource(Protocol):
+    """What the uploaders read keys from: a :class:`Source` (one Redis), or a
+    :class:`rrb_streams.wire.cluster_source.ClusterSource` (a Redis Cluster)."""
+
+    redis_version: str
+
+    async def check(self) -> None: ...
+
+    async def read(
+        self,
+        db: int,
+        keys: Sequence[bytes],
+        entry_ids: Sequence[str],
+        stamps: Sequence[int] | None = None,
+    ) -> list[KeyRecord | KeyReadError]: ...
+
+    def scan_clients(self, db: int) -> list[Redis]:
+        """Clients whose ``SCAN``s together cover ``db``: every master of a cluster."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +90,10 @@ class Source:
         if r is None:
             r = self._clients[db] = connect(self.url, db=db, name="rrb-upload", tls=self._tls)
         return r
+
+    def scan_clients(self, db: int) -> list[Redis]:
+        """The one client of ``db``: see :class:`KeySource`."""
+        return [self.client(db)]
 
     async def check(self) -> None:
         """Ping the source and learn its version. Raises ``DependencyError`` when unreachable."""
