@@ -112,13 +112,21 @@ class SlotPool(ConnectionPool):
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         host, port = await self.owner.current()
-        self.connection_kwargs.update(host=host, port=port)
-        conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if (conn.host, conn.port) != (host, port):
-            await conn.disconnect()
-            conn.host, conn.port = host, port
-            await conn.connect()
-        return conn
+        self.connection_kwargs.update(host=host, port=port)  # for connections made from now
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def ensure_connection(self, connection: Any) -> None:
+        """Point a pooled connection at the owner before it is used: one made for the old
+        owner is closed and opened again to the new one."""
+        target = (self.connection_kwargs["host"], self.connection_kwargs["port"])
+        if (connection.host, connection.port) != target:
+            await connection.disconnect()
+            connection.host, connection.port = target
+        try:
+            await super().ensure_connection(connection)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self.owner.suspect()  # the owner died, or failed over: look again soon
+            raise
 
 
 def connect_slot(url: str, slot: int, *, name: str = "rrb", tls: TlsOptions = NO_TLS) -> Redis:

@@ -3,16 +3,18 @@ TTLs and deletes, and under a writer through failovers of its masters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
 
 from rrb_streams.backup.bridge import Bridge
 from rrb_streams.backup.upload import Uploader
 from rrb_streams.config import VerifyConfig
 from rrb_streams.verify.verifier import Verifier
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, ClusterNode
 from tests.support.cluster_backup import (
     Writer,
     bridge_config,
@@ -68,24 +70,84 @@ async def test_a_cluster_is_backed_up_and_restored_exactly_into_a_single_redis(
     assert (drift.missing, drift.queued, drift.examples["missing"]) == (1, 1, ["db0:drift"])
 
 
-async def test_failovers_under_writes_lose_nothing(
-    cluster: Cluster, redis_factory: object, tmp_path: Path
-) -> None:
+async def under_writes(
+    cluster: Cluster,
+    tmp_path: Path,
+    target: RedisServer,
+    *acts: Callable[[], object],
+    bridge_url: str | None = None,
+) -> Writer:
+    """Back up the cluster while a writer writes and each of ``acts`` (blocking cluster
+    operations, run in a thread so the pipeline keeps going) happens in turn; then restore
+    and compare. Returns the writer, for its counts."""
     cluster.wait_ok()
     cluster.flush()
     async with opened(fs_spec(tmp_path / "b")) as storage:
-        bridge = Bridge(bridge_config(cluster))
+        overrides = {} if bridge_url is None else {"source_url": bridge_url}
+        bridge = Bridge(bridge_config(cluster, **overrides))
         uploaders = [Uploader(upload_config(cluster, f"c{i}"), storage) for i in range(2)]
-        async with running(bridge, *uploaders, within=240):
+        async with running(bridge, *uploaders, within=300):
             with Writer(cluster).running() as writer:
-                await until(lambda: writer.writes > 2000, within=30)
-                master = cluster.masters()[0]
-                cluster.failover(cluster.replicas_of(master)[0])  # manual
-                await until(lambda: writer.writes > 4000, within=30)
-                killed = cluster.kill_master(cluster.masters()[1])  # automatic, after kill -9
-                await until(lambda: writer.writes > 6000, within=60)
-            cluster.restart(killed)
-            cluster.wait_ok()
+                for act in [*acts, None]:
+                    more = writer.writes + 1500
+                    await until(lambda more=more: writer.writes > more, within=60)  # type: ignore[misc]
+                    if act is not None:
+                        await anyio.to_thread.run_sync(act)
+            await anyio.to_thread.run_sync(cluster.wait_ok)
             await until(lambda: drained(cluster), within=90)
-        print(f"writes={writer.writes} refused_during_failovers={writer.errors}")
-    await restored_equals_cluster(cluster, tmp_path / "b", redis_factory())  # type: ignore[operator]
+    print(f"writes={writer.writes} refused_meanwhile={writer.errors}")
+    await restored_equals_cluster(cluster, tmp_path / "b", target)
+    return writer
+
+
+async def test_failovers_under_writes_lose_nothing(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    killed: list[ClusterNode] = []
+
+    def manual() -> None:
+        master = cluster.masters()[0]
+        cluster.failover(cluster.replicas_of(master)[0])
+
+    def kill9() -> None:
+        killed.append(cluster.kill_master(cluster.masters()[1]))
+
+    await under_writes(cluster, tmp_path, redis_factory(), manual, kill9)
+    cluster.restart(killed[0])
+
+
+async def test_resharding_1000_slots_under_writes_loses_nothing(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    def reshard() -> None:
+        source, target = cluster.masters()[:2]
+        cluster.reshard(source, target, 1000)
+
+    await under_writes(cluster, tmp_path, redis_factory(), reshard)
+
+
+async def test_the_node_the_bridge_was_given_killed_loses_nothing(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    cluster.wait_ok()
+    given = cluster.masters()[0]
+    killed: list[ClusterNode] = []
+    await under_writes(
+        cluster,
+        tmp_path,
+        redis_factory(),
+        lambda: killed.append(cluster.kill_master(given)),
+        bridge_url=given.url(),
+    )
+    cluster.restart(killed[0])
+
+
+async def test_a_master_added_and_rebalanced_under_writes_loses_nothing(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    # Last in the module: the cluster keeps its fourth master.
+    added: list[ClusterNode] = []
+    await under_writes(
+        cluster, tmp_path, redis_factory(), lambda: added.append(cluster.add_master())
+    )
+    assert cluster.slots_of(added[0]) > 0

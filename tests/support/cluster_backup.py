@@ -21,14 +21,14 @@ OWN = OwnKeys("rrb:", cluster=True)
 
 
 def bridge_config(cluster: Cluster, **overrides: Any) -> BridgeConfig:
-    return BridgeConfig(
-        source_url=cluster.url(),
-        source_cluster=True,
-        stream_cluster=True,
-        topology_interval=0.3,
-        max_backoff=0.5,
-        **overrides,
-    ).validate()
+    settings: dict[str, Any] = {
+        "source_url": cluster.url(),
+        "source_cluster": True,
+        "stream_cluster": True,
+        "topology_interval": 0.3,
+        "max_backoff": 0.5,
+    }
+    return BridgeConfig(**{**settings, **overrides}).validate()
 
 
 def upload_config(cluster: Cluster, consumer: str = "c0", **overrides: Any) -> UploadConfig:
