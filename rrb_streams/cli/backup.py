@@ -29,7 +29,6 @@ from rrb_streams.logs import configure, get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.service import Component
 from rrb_streams.storage.base import Storage
-from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.urls import redact_url
 
 _SOURCE_HELP = "source Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)"
@@ -212,13 +211,8 @@ def rrb(argv: Sequence[str] | None = None) -> int:
 
     async def body() -> None:
         lines = [f"[*] Connecting to Redis {redact_url(bridge_cfg.source_url)}..."]
-        r = connect(bridge_cfg.source_url, tls=bridge_cfg.tls)
-        try:
-            await ping(r, bridge_cfg.source_url, "source Redis")
-        finally:
-            await r.aclose()
+        bridging = await found_clusters(bridge_cfg)  # reaches the source, or says why not
         lines[0] += "OK!"
-        bridging = await found_clusters(bridge_cfg)
         uploading = await found_clusters(upload_cfg)
         compacting = await found_clusters(compact_cfg)
         if bridging.source_cluster:

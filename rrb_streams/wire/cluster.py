@@ -245,7 +245,7 @@ def _span(lo: int, hi: int) -> str:
 async def probe(url: str, *, tls: TlsOptions = NO_TLS, what: str = "Redis") -> bool:
     """Whether the Redis at ``url`` is a cluster node. Raises ``DependencyError`` (naming
     ``what``) when it cannot be reached."""
-    r = connect(url, name="rrb", tls=tls)
+    r = connect(url, db=0, name="rrb", tls=tls)  # a cluster refuses SELECT of another db
     try:
         await ping(r, url, what)
         return await is_cluster(r)

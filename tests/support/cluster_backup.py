@@ -16,6 +16,7 @@ from rrb_streams.config import BridgeConfig, UploadConfig
 from rrb_streams.wire.keys import OwnKeys
 from tests.support.cluster import Cluster
 from tests.support.dataset import Snapshot, snapshot
+from tests.support.wait import until
 
 OWN = OwnKeys("rrb:", cluster=True)
 
@@ -32,16 +33,17 @@ def bridge_config(cluster: Cluster, **overrides: Any) -> BridgeConfig:
 
 
 def upload_config(cluster: Cluster, consumer: str = "c0", **overrides: Any) -> UploadConfig:
-    return UploadConfig(
-        source_url=cluster.url(),
-        source_cluster=True,
-        stream_cluster=True,
-        consumer=consumer,
-        linger=0.02,
-        lease=2.0,
-        max_backoff=0.5,
-        **{"segment_interval": 0.2, **overrides},
-    ).validate()
+    settings: dict[str, Any] = {
+        "source_url": cluster.url(),
+        "source_cluster": True,
+        "stream_cluster": True,
+        "consumer": consumer,
+        "linger": 0.02,
+        "lease": 2.0,
+        "max_backoff": 0.5,
+        "segment_interval": 0.2,
+    }
+    return UploadConfig(**{**settings, **overrides}).validate()
 
 
 def cluster_snapshot(cluster: Cluster) -> Snapshot:
@@ -54,21 +56,37 @@ def cluster_snapshot(cluster: Cluster) -> Snapshot:
     return out
 
 
-def drained(cluster: Cluster, own: OwnKeys = OWN) -> bool:
-    """The change stream in the cluster exists and every group has acked all of it."""
+def drained_at(cluster: Cluster, own: OwnKeys = OWN) -> bytes | None:
+    """The change stream's last id if it exists in the cluster and every group has acked all
+    of it, else ``None``."""
     c = cluster.client()
     try:
         if not c.exists(own.stream):
-            return False
+            return None
         groups = c.xinfo_groups(own.stream)
         last = c.xinfo_stream(own.stream)["last-generated-id"]
     except redis.RedisError:
-        return False  # a failover under way
+        return None  # a failover under way
     finally:
         c.close()
-    return bool(groups) and all(
+    done = bool(groups) and all(
         g["pending"] == 0 and g["last-delivered-id"] == last for g in groups
     )
+    return bytes(last) if done else None
+
+
+async def wait_drained(cluster: Cluster, within: float = 60.0) -> None:
+    """Wait until the stream is drained and has not grown for half a second: events the
+    bridge has yet to forward would otherwise pass for a finished backup."""
+    seen: list[bytes | None] = [None]
+
+    def still() -> bool:
+        now = drained_at(cluster)
+        done = now is not None and now == seen[0]
+        seen[0] = now
+        return done
+
+    await until(still, within=within, interval=0.5)
 
 
 def write_every_type(c: redis.cluster.RedisCluster, n: int = 60, tag: str = "") -> None:
