@@ -331,13 +331,12 @@ class Bridge:
                 self._gaps.report(self._term_reason)
 
         async def on_node(address: Address) -> None:
-            node = f"{address[0]}:{address[1]}"
             if address in confirmed:  # subscribed again: events were missed meanwhile
                 cluster.forget(address)  # a restarted node has its config file's flags
-                self._gaps.report("reconnect", node=node)
+                self._gaps.report("reconnect", node=address)
             elif self._subscribed:
                 confirmed.add(address)
-                self._gaps.report("cluster_master", node=node)
+                self._gaps.report("cluster_master", node=address)
             else:
                 confirmed.add(address)
                 maybe_started()
@@ -416,12 +415,10 @@ class Bridge:
 
     async def _watch_loop(self) -> None:
         assert self._source is not None and self._stream is not None
-        watched = [("source", self._source, "source_restart")]
-        if self._stream is not self._source:
-            watched.append(("stream", self._stream, "stream_restart"))
         while True:
             await anyio.sleep(self._cfg.watch_interval)
-            for name, client, reason in watched:
+            for name, client, node in self._watched():
+                kind = "stream" if name == "stream" else "source"
                 try:
                     run_id = await _run_id(client)
                     wipes = await _wipe_calls(client)
@@ -433,7 +430,9 @@ class Bridge:
                 if known is not None and known != run_id:
                     # An empty restarted stream Redis would otherwise hold entries no group keeps.
                     self._group_needed = self._group_needed or client is self._stream
-                    self._gaps.report(reason, run_id=run_id, previous_run_id=known)
+                    self._gaps.report(
+                        f"{kind}_restart", node=node, run_id=run_id, previous_run_id=known
+                    )
                     self._wipes[name] = wipes  # a restart resets the counters
                     continue
                 seen = self._wipes.get(name)
@@ -442,13 +441,29 @@ class Bridge:
                     ran = {c: wipes[c] - seen[c] for c in WIPES if wipes[c] != seen[c]}
                     # A wiped stream Redis lost its group with the stream.
                     self._group_needed = self._group_needed or client is self._stream
-                    self._gaps.report(f"{name}_wipe", commands=ran)
+                    self._gaps.report(f"{kind}_wipe", node=node, commands=ran)
             if self._group_needed:
                 try:
                     await ensure_group(self._stream, self._own.stream, DEFAULT_GROUP)
                     self._group_needed = False
                 except TRANSIENT as exc:
                     self._log.debug("bridge.watch_failed", redis="stream", error=str(exc))
+
+    def _watched(self) -> list[tuple[str, Redis, Address | None]]:
+        """The Redis servers whose restarts and wipes are gaps: (name, client, node). In a
+        cluster, every master is watched on its own, and its gaps owe a rescan of its keys
+        only; the stream's Redis owes a rescan of everything."""
+        assert self._source is not None and self._stream is not None
+        out: list[tuple[str, Redis, Address | None]] = []
+        if self._cluster is None:
+            out.append(("source", self._source, None))
+        else:
+            for master in self._cluster.masters():
+                client = self._cluster.client(master.address)
+                out.append((f"source {master}", client, master.address))
+        if self._stream is not self._source:
+            out.append(("stream", self._stream, None))
+        return out
 
     # -- the writer --------------------------------------------------------------------------
 

@@ -101,14 +101,19 @@ class ClusterNodes:
     def masters(self) -> list[Node]:
         return self.topology.masters
 
-    async def exists(self, keys: Sequence[bytes]) -> list[bool]:
+    async def exists(
+        self, keys: Sequence[bytes], *, only: set[Address] | None = None
+    ) -> list[bool]:
         """Whether each key exists, asked of the master owning its slot. A key whose slot
-        has no master, or moved since the topology was read, counts as absent."""
+        has no master, or moved since the topology was read, counts as absent. With
+        ``only``, keys of other masters count as present: not looked up at all."""
         by_owner: dict[Address, list[int]] = {}
         out = [False] * len(keys)
         for i, key in enumerate(keys):
             owner = self.topology.owner(slot_of(key))
-            if owner is not None:
+            if owner is not None and only is not None and owner.address not in only:
+                out[i] = True
+            elif owner is not None:
                 by_owner.setdefault(owner.address, []).append(i)
         for address, indices in by_owner.items():
             replies = await resp.pipeline(

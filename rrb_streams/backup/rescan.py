@@ -34,6 +34,7 @@ from rrb_streams.backup.metrics import BridgeMetrics
 from rrb_streams.config import BridgeConfig
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.retrying import TRANSIENT, Retrying
+from rrb_streams.wire.cluster import Address
 from rrb_streams.wire.entries import SCAN_EVENT, NewEntry, now_ms
 from rrb_streams.wire.index import absent_page, exist_on, indexed_dbs
 from rrb_streams.wire.urls import url_db
@@ -42,28 +43,46 @@ DEFAULT_DATABASES = 16  # Redis's default, assumed where CONFIG GET databases is
 
 
 class Gaps:
-    """Why a rescan is owed, and a generation number that restarts a running one."""
+    """Why a rescan is owed, and a generation number that restarts a running one.
+
+    A gap of one cluster node (``node``: its address) owes a rescan of that node's keys only;
+    any other gap, of everything. A rescan covers the union of what its gaps owe.
+    """
 
     def __init__(self, log: Any) -> None:
         self._log = log
         self._event = anyio.Event()
         self._reasons: list[str] = []
+        self._nodes: set[Address] | None = set()  # None: everything
         self.generation = 0
 
-    def report(self, reason: str, **details: Any) -> None:
+    def report(self, reason: str, node: Address | None = None, **details: Any) -> None:
         """Record a gap (logged as ``bridge.gap_detected``) and wake or restart the rescan."""
+        if node is not None:
+            details["node"] = f"{node[0]}:{node[1]}"
         self._log.info("bridge.gap_detected", reason=reason, **details)
         self.generation += 1
         if reason not in self._reasons:
             self._reasons.append(reason)
+        if node is None:
+            self._nodes = None
+        elif self._nodes is not None:
+            self._nodes.add(node)
         self._event.set()
 
     async def wait(self) -> list[str]:
         """Wait for a gap; return the reasons reported since the last call."""
+        reasons, _ = await self.wait_scoped()
+        return reasons
+
+    async def wait_scoped(self) -> tuple[list[str], set[Address] | None]:
+        """Wait for a gap; the reasons reported since the last call, and the nodes they owe a
+        rescan of (``None``: everything)."""
         await self._event.wait()
         self._event = anyio.Event()
         reasons, self._reasons = self._reasons, []
-        return reasons
+        nodes, self._nodes = self._nodes, set()
+        return reasons, nodes
 
 
 class Rescanner:
@@ -85,6 +104,7 @@ class Rescanner:
         (SCAN is node-local, like events), and index keys are looked up where they live."""
         self._cfg = cfg
         self._cluster = cluster
+        self._nodes: set[Address] | None = None  # the cluster nodes this rescan covers
         self._metrics = metrics
         self._db = url_db(cfg.source_url)
         self._own = cfg.own
@@ -100,9 +120,13 @@ class Rescanner:
         of the source URL's db (of every db holding keys or indexed keys with ``all_dbs``) that
         exists or that the stored-keys index lists."""
         reasons: list[str] = []
+        nodes: set[Address] | None = set()
         started: float | None = None
         while True:
-            reasons += [r for r in await self._gaps.wait() if r not in reasons]
+            more, owed = await self._gaps.wait_scoped()
+            reasons += [r for r in more if r not in reasons]
+            nodes = None if nodes is None or owed is None else nodes | owed
+            self._nodes = nodes
             generation = self._gaps.generation
             started = started or time.monotonic()
             dbs = (
@@ -118,6 +142,7 @@ class Rescanner:
             self._log.info(
                 "bridge.rescan_done",
                 reasons=reasons,
+                nodes=None if nodes is None else sorted(f"{h}:{p}" for h, p in nodes),
                 keys=keys,
                 gone=gone,
                 skipped_own=skipped,
@@ -126,7 +151,7 @@ class Rescanner:
             )
             if self._metrics is not None:
                 self._metrics.part(BridgeMetrics).rescanned(reasons)
-            reasons, started = [], None
+            reasons, nodes, started = [], set(), None
 
     async def _scan(
         self, send: MemoryObjectSendStream[NewEntry], generation: int, dbs: list[int]
@@ -154,6 +179,8 @@ class Rescanner:
         keys = skipped = 0
         # A master that failed over meanwhile is a gap of its own, which restarts this scan.
         for master in self._cluster.masters():
+            if self._nodes is not None and master.address not in self._nodes:
+                continue
             found = await self._scan_node(
                 send, generation, db, self._cluster.client(master.address)
             )
@@ -229,7 +256,7 @@ class Rescanner:
         """How to ask whether keys of ``db`` exist: on the source, or where a cluster keeps
         them."""
         if self._cluster is not None:
-            return self._cluster.exists
+            return functools.partial(self._cluster.exists, only=self._nodes)
         return functools.partial(exist_on, self._client(db))
 
     async def _databases(self, generation: int) -> list[int] | None:

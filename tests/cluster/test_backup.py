@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from rrb_streams.backup.bridge import Bridge
 from rrb_streams.backup.upload import Uploader
@@ -17,6 +18,7 @@ from rrb_streams.verify.verifier import Verifier
 from rrb_streams.wire.cluster import slot_of
 from tests.support.cluster import Cluster, ClusterNode
 from tests.support.cluster_backup import (
+    OWN,
     Writer,
     bridge_config,
     cluster_snapshot,
@@ -29,9 +31,11 @@ from tests.support.pipeline import running
 from tests.support.pipeline import wait_drained as wait_stream_drained
 from tests.support.restoring import fs_spec, opened, restore, restore_config
 from tests.support.servers import RedisServer
-from tests.support.wait import until
+from tests.support.wait import until, wait_log
 
 pytestmark = pytest.mark.anyio
+
+OWN_SLOT = slot_of(OWN.slot_tag)
 
 
 async def restored_equals_cluster(cluster: Cluster, spec_path: Path, target: RedisServer) -> None:
@@ -174,6 +178,30 @@ async def test_the_change_stream_on_its_own_redis(
     for master in cluster.masters():  # nothing of rrb's own in the cluster
         with master.client() as m:
             assert list(m.scan_iter(match="rrb:*")) == []
+    await restored_equals_cluster(cluster, tmp_path / "b", redis_factory())
+
+
+async def test_a_wiped_master_is_rescanned_alone_and_its_keys_become_deletions(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    cluster.wait_ok()
+    cluster.flush()
+    c = cluster.client()
+    wiped = next(m for m in cluster.masters() if m.port != cluster.owner(OWN_SLOT).port)
+    async with opened(fs_spec(tmp_path / "b")) as storage:
+        bridge = Bridge(bridge_config(cluster, watch_interval=0.2))
+        uploader = Uploader(upload_config(cluster), storage)
+        with capture_logs() as logs:
+            async with running(bridge, uploader, within=120):
+                write_every_type(c, tag="wipe")
+                await wait_drained(cluster)
+                with wiped.client() as w:
+                    assert w.dbsize() > 0
+                    w.flushall()  # no keyspace event: seen in commandstats
+                await wait_log(logs, event="bridge.rescan_done", reasons=["source_wipe"])
+                await wait_drained(cluster)
+    done = next(e for e in logs if e.get("reasons") == ["source_wipe"])
+    assert done["nodes"] == [f"127.0.0.1:{wiped.port}"]  # that master's keys only
     await restored_equals_cluster(cluster, tmp_path / "b", redis_factory())
 
 
