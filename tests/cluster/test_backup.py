@@ -205,6 +205,27 @@ async def test_a_wiped_master_is_rescanned_alone_and_its_keys_become_deletions(
     await restored_equals_cluster(cluster, tmp_path / "b", redis_factory())
 
 
+async def test_two_bridges_one_leads_through_the_lease_in_the_cluster(
+    cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
+) -> None:
+    cluster.wait_ok()
+    cluster.flush()
+    c = cluster.client()
+    async with opened(fs_spec(tmp_path / "b")) as storage:
+        bridges = [Bridge(bridge_config(cluster, leader_lease=2.0)) for _ in range(2)]
+        uploader = Uploader(upload_config(cluster), storage)
+        async with running(*bridges, uploader, within=120):
+            write_every_type(c, n=30, tag="lead")
+            await wait_drained(cluster)
+            leading = [b._leadership is not None and b._leadership.leading for b in bridges]
+            assert sorted(leading) == [False, True]
+            bridges[leading.index(True)].stop()  # the standby takes over within the lease
+            write_every_type(c, n=30, tag="after")
+            await until(lambda: bridges[leading.index(False)]._leadership.leading, within=10)  # type: ignore[union-attr]
+            await wait_drained(cluster)
+    await restored_equals_cluster(cluster, tmp_path / "b", redis_factory())
+
+
 async def test_a_master_added_and_rebalanced_under_writes_loses_nothing(
     cluster: Cluster, redis_factory: Callable[[], RedisServer], tmp_path: Path
 ) -> None:
