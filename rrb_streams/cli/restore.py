@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         "rrb-restore",
         "Restore a backup into a Redis: every key's type, value and expiry, latest or as of "
         "--at. Running the same command again resumes; more processes may join.",
-        "target Redis (default: $REDIS_SERVER, else redis://localhost:6379/0)",
+        "target Redis (default: $REDIS_SERVER, else redis://localhost:6379/0); a Redis "
+        "Cluster node's URL means the whole cluster",
     )
 
     def option(*flags: str, field: str, **kw: Any) -> None:
@@ -91,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="restore only what was backed up from db N, into the target URL's db "
-        "(default: every key into the db it came from)",
+        "(default: every key into the db it came from; a Redis Cluster has only db 0, so "
+        "keys of other dbs fail there unless --db picks one)",
     )
     option(
         "--if-exists",

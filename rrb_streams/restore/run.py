@@ -3,7 +3,11 @@
 A process:
 
 1. checks the target (reachable, writable, accepts ``RESTORE``; its RDB version and clock:
-   :mod:`rrb_streams.restore.checks`);
+   :mod:`rrb_streams.restore.checks`), and finds whether it, and the Redis of the run's own
+   keys, are Redis Cluster nodes: then the writers route each key to its slot's master
+   (:mod:`rrb_streams.restore.cluster_target`), the cluster must have every slot assigned,
+   and the run's own keys live in one slot, reached through a client that follows that
+   slot's master (:func:`rrb_streams.wire.slot_client.connect_own`);
 2. joins the run (:mod:`rrb_streams.restore.state`), creating it when it is new;
 3. runs, until the run is finished or :meth:`Restorer.stop`:
 
@@ -31,7 +35,7 @@ import functools
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -48,7 +52,8 @@ from rrb_streams.logs import get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.ops.progress import Progress
 from rrb_streams.ops.timed import TimedStorage
-from rrb_streams.restore.checks import probe_target
+from rrb_streams.restore.checks import find_clusters, probe_key, probe_target
+from rrb_streams.restore.cluster_target import ClusterTarget
 from rrb_streams.restore.planner import Planner
 from rrb_streams.restore.state import (
     GROUP,
@@ -65,8 +70,10 @@ from rrb_streams.restore.writer import FAILED, Tally, Writer
 from rrb_streams.retrying import TRANSIENT, Retrying
 from rrb_streams.service import StopRequest
 from rrb_streams.storage.base import Storage
+from rrb_streams.wire.cluster import slot_of
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.group import GroupReader, RawEntry
+from rrb_streams.wire.slot_client import connect_own, connect_slot
 from rrb_streams.wire.urls import redact_url
 
 MAX_BLOCK_MS = 50  # short: the end of a run is noticed within this long
@@ -137,16 +144,20 @@ class Restorer:
 
         Raises ``DependencyError`` before ``task_status.started()`` when the target, the
         stream's Redis or the storage cannot be used, and later when an outage outlasts
-        ``retry_timeout``.
+        ``retry_timeout``; ``ConfigError`` before it for a Redis Cluster that cannot be
+        restored into (slots unassigned, a db other than 0 in its URL).
         """
-        cfg = self.cfg
-        r = connect(cfg.effective_stream_url, name="rrb-restore", tls=cfg.tls)
+        target_cluster, stream_cluster = await find_clusters(self.cfg)
+        cfg = self.cfg = replace(self.cfg, stream_cluster=stream_cluster)
+        self.keys = RunKeys(cfg.own_prefix, self.run_id, cluster=stream_cluster)
+        r = connect_own(cfg.effective_stream_url, cfg.own, name="rrb-restore", tls=cfg.tls)
         # Unique even when two processes were given the same --consumer.
         state = RunState(r, self.keys, token=f"{cfg.consumer}:{secrets.token_hex(4)}")
         reader = GroupReader(r, self.keys.stream, GROUP, cfg.consumer)
         writer: Writer | None = None
         try:
-            writer = await self._start(r, state)
+            writer = await self._open_writer(cluster=target_cluster)
+            await self._join(r, state, writer)
             task_status.started()
             async with anyio.create_task_group() as background:
                 background.start_soon(self._coordinate, state)
@@ -175,14 +186,42 @@ class Restorer:
 
     # -- start and end ----------------------------------------------------------------------
 
-    async def _start(self, r: Redis, state: RunState) -> Writer:
+    async def _open_writer(self, *, cluster: bool) -> Writer:
+        """Check the target (a Redis Cluster when ``cluster``) and open its writer."""
         cfg = self.cfg
-        target = connect(cfg.target_url, name="rrb-restore", tls=cfg.tls)
+        routed: ClusterTarget | None = None
+        if cluster:
+            routed = ClusterTarget(cfg.target_url, tls=cfg.tls)
+            slot = slot_of(probe_key(cfg, cluster=True).encode())
+            target = connect_slot(cfg.target_url, slot, name="rrb-restore", tls=cfg.tls)
+        else:
+            target = connect(cfg.target_url, name="rrb-restore", tls=cfg.tls)
         try:
+            if routed is not None:
+                # First: a cluster with slots unassigned refuses every write (CLUSTERDOWN),
+                # and the probe would blame the target for what one clear line can name.
+                await routed.start()
             await ping(target, cfg.target_url, "target Redis")
-            rdb, offset_ms = await probe_target(target, cfg)
+            rdb, offset_ms = await probe_target(target, cfg, cluster=cluster)
+        except BaseException:
+            if routed is not None:
+                with anyio.CancelScope(shield=True):
+                    await routed.close()
+            raise
         finally:
-            await target.aclose()
+            with anyio.CancelScope(shield=True):
+                await target.aclose()
+        return Writer(
+            cfg,
+            self.storage,
+            target_rdb=rdb,
+            clock_offset_ms=offset_ms,
+            log=self._log,
+            cluster=routed,
+        )
+
+    async def _join(self, r: Redis, state: RunState, writer: Writer) -> None:
+        cfg = self.cfg
         await ping(r, cfg.effective_stream_url, "stream Redis")
         try:
             self.resumed = await state.join(describe(cfg))
@@ -197,9 +236,10 @@ class Restorer:
             stream=self.keys.stream,
             done=totals["done"],
             planned=totals["planned"],
-            target_rdb=rdb,
+            target_rdb=writer.target_rdb,
+            target_cluster=writer.cluster is not None,
+            stream_cluster=cfg.stream_cluster,
         )
-        return Writer(cfg, self.storage, target_rdb=rdb, clock_offset_ms=offset_ms, log=self._log)
 
     async def _end(self, state: RunState, reader: GroupReader) -> Totals | None:
         try:

@@ -17,6 +17,11 @@ and a second process started with it joins it. Its keys, all under rrb's own pre
                                   segment ranges restored (their key folder names), which
                                   the keys layout's objects then leave alone
 
+When they live in a Redis Cluster (the target, or ``--stream-url``, is a cluster node), every
+name carries the hash tag of rrb's own keys (``rrb:{rrb:}restore:{run}…`` with the default
+prefix; see :class:`rrb_streams.wire.keys.OwnKeys`): all of them in one slot, so each
+transaction and script over them runs on the one master that owns it.
+
 An entry holds a batch of keys, so the stream's own costs (XADD, XREADGROUP, XACK) are paid
 once per batch, not per key. Every step that must not be half-done is one MULTI/EXEC or one
 script: a chunk of entries is added together with the cursor that says so; an entry is
@@ -43,6 +48,7 @@ from rrb_streams.config import RestoreConfig
 from rrb_streams.format.ranges import Range
 from rrb_streams.format.selection import Item
 from rrb_streams.wire import resp
+from rrb_streams.wire.keys import OwnKeys
 from rrb_streams.wire.urls import redact_url, url_db
 
 GROUP = "rrb-restore"
@@ -159,14 +165,15 @@ def describe(cfg: RestoreConfig) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RunKeys:
-    """The names of one run's keys."""
+    """The names of one run's keys; in one slot when ``cluster``."""
 
     own_prefix: str
     run: str
+    cluster: bool = False
 
     @property
     def stream(self) -> str:
-        return f"{self.own_prefix}restore:{self.run}"
+        return OwnKeys(self.own_prefix, cluster=self.cluster).name(f"restore:{self.run}")
 
     @property
     def meta(self) -> str:

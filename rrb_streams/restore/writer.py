@@ -19,6 +19,20 @@ For one batch of items, :meth:`Writer.apply`:
 Transient errors (storage unavailable, the target unreachable, or a reply such as ``OOM`` or
 ``READONLY`` that says the target cannot take writes now) raise, and the caller retries the
 whole batch: every write in it is idempotent.
+
+**A Redis Cluster target** (``cluster``, see :mod:`rrb_streams.restore.cluster_target`): the
+same commands, packed the same way, go to the master of each key's slot, one pipeline per
+master, the masters at once; redirections and failovers are followed there and never count
+against a key. A cluster has only db 0, so:
+
+- with ``--db N`` (or ``--format legacy``), the keys backed up from db N go into db 0 (the
+  target URL must name db 0, or none);
+- without ``--db``, the keys backed up from db 0 go into db 0, and a key of any other db is
+  *failed*, with a reason that says to restore that db on its own with ``--db N``. Which dbs a
+  backup holds is known only as its plan is read, so the restore does not refuse up front;
+  and merging dbs silently could let one db's key overwrite another's. In the segment layout
+  only the first such key of each db in a key range is named, the rest are counted, so a
+  large db does not flood the run's failure list.
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ from rrb_streams.format.layout import key_hash
 from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
 from rrb_streams.format.ranges import Key, Range, prefer_keys_layout, read_range_fresh
 from rrb_streams.logs import show_key
+from rrb_streams.restore.cluster_target import ClusterTarget, Packed
 from rrb_streams.storage.base import Storage
 from rrb_streams.wire import resp
 from rrb_streams.wire.connections import connect
@@ -125,7 +140,9 @@ class Writer:
         target_rdb: int,
         clock_offset_ms: float,
         log: Any,
+        cluster: ClusterTarget | None = None,
     ) -> None:
+        """``cluster``: the target is that Redis Cluster (started); the writer closes it."""
         self._cfg = cfg
         self._storage = storage
         self._target_rdb = target_rdb
@@ -136,6 +153,18 @@ class Writer:
         )
         self._own = cfg.own_prefix.encode()
         self._clients: dict[int, Redis] = {}
+        self._cluster = cluster
+        self._dbs_refused: set[int] = set()  # dbs whose keys a cluster cannot take, logged
+
+    @property
+    def target_rdb(self) -> int:
+        """The highest RDB version the target reads."""
+        return self._target_rdb
+
+    @property
+    def cluster(self) -> ClusterTarget | None:
+        """The Redis Cluster the target is, if it is one."""
+        return self._cluster
 
     def client(self, db: int) -> Redis:
         """The target client for ``db``, created on first use."""
@@ -150,6 +179,8 @@ class Writer:
         for r in self._clients.values():
             await r.aclose()
         self._clients.clear()
+        if self._cluster is not None:
+            await self._cluster.close()
 
     async def apply(self, items: Sequence[Sequence[str]]) -> list[Result]:
         """Restore each item (a sequence of candidate object names); one result per item."""
@@ -210,6 +241,8 @@ class Writer:
         tail = b"$7\r\nREPLACE\r\n" if cfg.if_exists == "replace" else b""
         by_db: dict[int, tuple[list[bytes], list[tuple[KeyRecord, str]]]] = {}
         large: list[tuple[int, KeyRecord, str]] = []
+        cluster = self._cluster
+        refused: set[int] = set()  # dbs a cluster cannot take, named once in this range
         for rec, name in winners.values():
             if rec.tombstone:
                 counts[ABSENT] += 1
@@ -232,6 +265,13 @@ class Writer:
                 tally.add(self._too_new(rec, name))
                 continue
             db = rec.db if into is None else into
+            if db and cluster is not None:
+                if db in refused:
+                    counts[FAILED] += 1
+                else:
+                    refused.add(db)
+                    tally.add(self._not_in_cluster(db, key, name, first=True))
+                continue
             if len(payload) >= _LARGE_VALUE:
                 large.append((db, rec, name))
                 continue
@@ -239,6 +279,16 @@ class Writer:
             packed.append(_packed_restore(key, expire, payload, tail))
             meta.append((rec, name))
         sent: list[tuple[int, list[Any], list[tuple[KeyRecord, str]]]] = []
+        if cluster is not None:
+            packed, meta = by_db.get(0, ([], []))
+            commands: list[Packed] = [*packed]
+            for _, rec, name in large:
+                commands.append(_restore_pieces(rec.key, rec.expire_at_ms, rec.payload, tail))
+                meta.append((rec, name))
+            if commands:
+                replies = await cluster.send(commands, [rec.key for rec, _ in meta])
+                sent.append((0, replies, meta))
+            by_db, large = {}, []
         for db, (packed, meta) in by_db.items():
             replies = await resp.pipeline_packed(self.client(db), b"".join(packed), len(packed))
             sent.append((db, replies, meta))
@@ -256,6 +306,9 @@ class Writer:
                 else:
                     counts[RESTORED] += 1
                     tally.bytes += len(rec.payload)
+        # The range's records go now, not when the collector next looks: a cycle through
+        # the read's tasks may still reach this dict, and it holds the range decoded.
+        winners.clear()
         return tally, seen
 
     # -- one item ---------------------------------------------------------------------------
@@ -303,7 +356,21 @@ class Writer:
         if cfg.if_exists == "replace":
             command += (b"REPLACE",)
         db = rec.db if cfg.into_db is None else cfg.into_db
+        if db and self._cluster is not None:
+            return self._not_in_cluster(db, rec.key, chosen_name)
         return _Write(db, command, chosen_name, rec.key, len(rec.payload))
+
+    def _not_in_cluster(self, db: int, key: bytes, name: str, *, first: bool = False) -> Result:
+        """A key backed up from ``db`` (not 0), and a Redis Cluster target without ``--db``.
+        ``first``: the key stands for every key of its db in a segment range."""
+        hint = f"a Redis Cluster has only db 0: restore db {db} on its own with --db {db}"
+        if db not in self._dbs_refused:
+            self._dbs_refused.add(db)
+            self._log.warning("restore.db_not_in_cluster", db=db, hint=hint)
+        if first:
+            reason = f"keys of db {db}, '{show_key(key)}' the first of them here: {hint}"
+            return Result(FAILED, name=f"db{db}:{show_key(key)}", reason=reason)
+        return Result(FAILED, name=name, reason=f"key '{show_key(key)}' of db {db}: {hint}")
 
     def _too_new(self, rec: KeyRecord, name: str) -> Result:
         version = rdb_version(rec.payload)
@@ -362,7 +429,11 @@ class Writer:
             by_db.setdefault(w.db, []).append((i, w))
         out: list[tuple[int, Result]] = []
         for db, group in by_db.items():
-            replies = await resp.pipeline(self.client(db), [w.command for _, w in group])
+            if self._cluster is not None:  # db 0 alone: _restore refused the others
+                commands = [resp.pack([w.command]) for _, w in group]
+                replies = await self._cluster.send(commands, [w.key for _, w in group])
+            else:
+                replies = await resp.pipeline(self.client(db), [w.command for _, w in group])
             busy = next((r for r in replies if _unavailable(r)), None)
             if busy is not None:
                 raise busy  # the target cannot take writes now: the caller retries the batch

@@ -18,6 +18,7 @@ from rrb_streams.restore.state import (
     target_identity,
 )
 from rrb_streams.storage.url import StorageSpec
+from rrb_streams.wire.cluster import slot_of
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -93,3 +94,12 @@ def test_run_identity_ignores_credentials_and_follows_what_is_restored() -> None
         RestoreConfig(target_url="redis://h:6379/0", storage=StorageSpec(kind="s3", bucket="c")),
     ):
         assert run_id(other.validate()) != run_id(base)
+
+
+def test_a_runs_keys_in_a_cluster_share_one_slot_under_the_prefix() -> None:
+    plain, tagged = RunKeys("mine:", "r1"), RunKeys("mine:", "r1", cluster=True)
+    assert plain.stream == "mine:restore:r1"
+    assert tagged.stream == "mine:{mine:}restore:r1"
+    assert all(k.startswith("mine:") for k in tagged.all())
+    assert {slot_of(k.encode()) for k in tagged.all()} == {slot_of(b"{mine:}")}
+    assert len({slot_of(k.encode()) for k in plain.all()}) > 1  # why the tag is needed
