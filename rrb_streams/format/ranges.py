@@ -53,10 +53,10 @@ Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 DEFAULT_BUDGET = 4 << 20  # bytes of records a range decodes, about: some 50,000 small ones
 _FOOTER_READERS = 8  # segments whose index is fetched at once
 _BLOCK_READERS = 4  # runs of blocks of one range fetched at once
-# Stored bytes one ranged GET fetches at most. A range's blocks hold about its budget of
-# records anyway, which it decodes and holds at once, so runs this long add little memory;
-# a GET per megabyte cost several requests per range (and S3 advises ranges of 8-16 MB).
-_RUN_BYTES = 8 << 20
+# Stored bytes one ranged GET fetches at most: about a range's budget, so a range of a
+# snapshot part is one GET (a GET per megabyte cost several requests per range), and no run
+# holds much more than the range decodes anyway.
+_RUN_BYTES = 4 << 20
 _REPLANS = 3  # fresh plans of a range whose objects were compacted away while it was read
 _DECODE_IN_THREAD = 256 << 10  # compressed bytes above which a block is decoded off the loop
 

@@ -239,7 +239,9 @@ class Writer:
         everything = cfg.match == "*"
         now_ms = self._now_ms()
         tail = b"$7\r\nREPLACE\r\n" if cfg.if_exists == "replace" else b""
-        by_db: dict[int, tuple[list[bytes], list[tuple[KeyRecord, str]]]] = {}
+        # Per command: its key, object and value size. Not the record: the range's records go
+        # before the commands are sent (below), so a range is held decoded or packed, not both.
+        by_db: dict[int, tuple[list[bytes], list[tuple[bytes, str, int]]]] = {}
         large: list[tuple[int, KeyRecord, str]] = []
         cluster = self._cluster
         refused: set[int] = set()  # dbs a cluster cannot take, named once in this range
@@ -277,38 +279,40 @@ class Writer:
                 continue
             packed, meta = by_db.setdefault(db, ([], []))
             packed.append(_packed_restore(key, expire, payload, tail))
-            meta.append((rec, name))
-        sent: list[tuple[int, list[Any], list[tuple[KeyRecord, str]]]] = []
+            meta.append((key, name, len(payload)))
+        winners.clear()  # every record left is in ``large``
+        sent: list[tuple[int, list[Any], list[tuple[bytes, str, int]]]] = []
         if cluster is not None:
             packed, meta = by_db.get(0, ([], []))
             commands: list[Packed] = [*packed]
             for _, rec, name in large:
                 commands.append(_restore_pieces(rec.key, rec.expire_at_ms, rec.payload, tail))
-                meta.append((rec, name))
+                meta.append((rec.key, name, len(rec.payload)))
             if commands:
-                replies = await cluster.send(commands, [rec.key for rec, _ in meta])
+                replies = await cluster.send(commands, [key for key, _, _ in meta])
                 sent.append((0, replies, meta))
             by_db, large = {}, []
         for db, (packed, meta) in by_db.items():
-            replies = await resp.pipeline_packed(self.client(db), b"".join(packed), len(packed))
+            body, count = b"".join(packed), len(packed)
+            packed.clear()  # while Redis works, the range is held once: packed in ``body``
+            replies = await resp.pipeline_packed(self.client(db), body, count)
+            del body
             sent.append((db, replies, meta))
         for db, rec, name in large:
             # Sent in pieces, not packed: the command would be a second copy of the value.
             pieces = _restore_pieces(rec.key, rec.expire_at_ms, rec.payload, tail)
-            sent.append((db, [await resp.send_large(self.client(db), pieces)], [(rec, name)]))
+            reply = await resp.send_large(self.client(db), pieces)
+            sent.append((db, [reply], [(rec.key, name, len(rec.payload))]))
         for db, replies, meta in sent:
-            for reply, (rec, name) in zip(replies, meta, strict=True):
+            for reply, (key, name, size) in zip(replies, meta, strict=True):
                 if isinstance(reply, ResponseError):
                     if _unavailable(reply):
                         raise reply  # the target cannot take writes now: retry the range
-                    command = (b"RESTORE", rec.key)
-                    tally.add(self._judge(_Write(db, command, name, rec.key, 0), reply))
+                    command = (b"RESTORE", key)
+                    tally.add(self._judge(_Write(db, command, name, key, 0), reply))
                 else:
                     counts[RESTORED] += 1
-                    tally.bytes += len(rec.payload)
-        # The range's records go now, not when the collector next looks: a cycle through
-        # the read's tasks may still reach this dict, and it holds the range decoded.
-        winners.clear()
+                    tally.bytes += size
         return tally, seen
 
     # -- one item ---------------------------------------------------------------------------
