@@ -49,6 +49,7 @@ from rrb_streams.wire.source import (
     KeyReadError,
     KeySource,
     Source,
+    major_version,
     read_body,
     read_count,
     records_from,
@@ -145,8 +146,8 @@ class ClusterSource:
         self._topology = topology
         for master in topology.masters:
             await self._version_of(master.address)
-        majors = [_major(v) for v in self._versions.values()]
-        self.redis_version = min(self._versions.values(), key=_major, default="")
+        majors = [major_version(v) for v in self._versions.values()]
+        self.redis_version = min(self._versions.values(), key=major_version, default="")
         if self._exact_expiry is None:
             self._exact_expiry = min(majors, default=0) >= 7
 
@@ -317,8 +318,3 @@ class ClusterSource:
 
     def __repr__(self) -> str:
         return f"ClusterSource({redact_url(self.url)!r})"
-
-
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0

@@ -103,7 +103,7 @@ class Source:
         # INFO values that look numeric come back as numbers ("7.2" -> 7.2): keep the text.
         self.redis_version = str(info.get("redis_version", ""))
         if self._exact_expiry is None:
-            self._exact_expiry = _major(self.redis_version) >= 7
+            self._exact_expiry = major_version(self.redis_version) >= 7
 
     async def read(
         self,
@@ -237,6 +237,7 @@ def _record(
     )
 
 
-def _major(version: str) -> int:
+def major_version(version: str) -> int:
+    """``7`` of ``"7.0.15"``; 0 when unknown."""
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else 0
