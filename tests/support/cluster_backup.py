@@ -108,9 +108,12 @@ class Writer:
     failovers (a write refused meanwhile is retried; the cluster's final state is what a
     backup must equal)."""
 
-    def __init__(self, cluster: Cluster, keys: int = 500, seed: int = 1) -> None:
+    def __init__(
+        self, cluster: Cluster, keys: int = 500, seed: int = 1, deletes: float = 0.05
+    ) -> None:
         self._cluster = cluster
         self._keys = keys
+        self._deletes = deletes  # the share of writes that delete their key
         self._rnd = random.Random(seed)
         self._stop = threading.Event()
         self.writes = 0
@@ -123,7 +126,7 @@ class Writer:
             while not self._stop.is_set():
                 key = f"w:{self._rnd.randrange(self._keys)}"
                 try:
-                    if self._rnd.random() < 0.05:
+                    if self._rnd.random() < self._deletes:
                         c.delete(key)
                     else:
                         c.set(key, str(self.writes))
