@@ -24,8 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 from rrb_streams.backup.notify import ensure_notifications
 from rrb_streams.errors import NotificationsRefused
 from rrb_streams.wire import resp
-from rrb_streams.wire.cluster import Address, Node, Topology, TopologyFinder, slot_of
-from rrb_streams.wire.connections import connect
+from rrb_streams.wire.cluster import Address, Node, NodeClients, Topology, TopologyFinder, slot_of
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url
 
@@ -39,20 +38,15 @@ class ClusterNodes:
         self._log = log
         self.finder = TopologyFinder(url, tls=tls, name="rrb-bridge")
         self.topology = Topology(())
-        self._clients: dict[Address, Redis] = {}
+        self._nodes = NodeClients(url, tls=tls, name="rrb-bridge")
         self._configured: set[Address] = set()  # nodes whose notifications we checked
 
     def client(self, address: Address) -> Redis:
         """The client of the node at ``address`` (created on first use)."""
-        r = self._clients.get(address)
-        if r is None:
-            r = self._clients[address] = connect(
-                self.url_of(address), name="rrb-bridge", tls=self._tls
-            )
-        return r
+        return self._nodes.get(address)
 
     def url_of(self, address: Address) -> str:
-        return self.finder.url_of(address)
+        return self._nodes.url_of(address)
 
     async def refresh(self) -> Topology:
         """Read the topology again (``redis`` errors when no node answers)."""
@@ -126,6 +120,4 @@ class ClusterNodes:
         return out
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for r in clients:
-            await r.aclose()
+        await self._nodes.close()

@@ -49,18 +49,22 @@ from redis.exceptions import (
 
 from rrb_streams.errors import DependencyError
 from rrb_streams.wire import resp
-from rrb_streams.wire.cluster import SLOTS, Address, Topology, TopologyFinder, node_url, slot_of
-from rrb_streams.wire.cluster_source import ATTEMPTS, ClusterUnavailable
-from rrb_streams.wire.connections import connect
+from rrb_streams.wire.cluster import (
+    ASKING,
+    SLOTS,
+    Address,
+    NodeClients,
+    Topology,
+    TopologyFinder,
+    slot_of,
+)
+from rrb_streams.wire.cluster_source import ATTEMPTS, BACKOFF, BACKOFF_MAX, ClusterUnavailable
 from rrb_streams.wire.tls import NO_TLS, TlsOptions
 from rrb_streams.wire.urls import redact_url
 
 #: One command in the Redis protocol: packed bytes, or the pieces of one too large to copy.
 Packed = bytes | Sequence[bytes | memoryview]
 
-_BACKOFF = 0.05  # seconds, doubled per round that waits, up to _BACKOFF_MAX
-_BACKOFF_MAX = 1.0
-_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 #: Replies that say "not now": wait, read the topology again, try again.
 _WAIT = (TryAgainError, ClusterDownError, ReadOnlyError, MasterDownError)
@@ -78,7 +82,7 @@ class ClusterTarget:
         self._name = name
         self._finder = TopologyFinder(url, tls=tls, name=name)
         self._owners: list[Address | None] = [None] * SLOTS
-        self._clients: dict[Address, Redis] = {}
+        self._nodes = NodeClients(url, tls=tls, name=name)
         self._generation = 0  # topologies read so far
         self._lock = anyio.Lock()
         self.refreshes = 0  # topology reads after the first, for tests and logs
@@ -98,17 +102,11 @@ class ClusterTarget:
 
     def client_at(self, address: Address) -> Redis:
         """The client of the node at ``address``, created on first use."""
-        r = self._clients.get(address)
-        if r is None:
-            url = node_url(self.url, *address)
-            r = self._clients[address] = connect(url, name=self._name, tls=self._tls)
-        return r
+        return self._nodes.get(address)
 
     async def close(self) -> None:
         """Close every node's client. Idempotent."""
-        clients, self._clients = list(self._clients.values()), {}
-        for r in clients:
-            await r.aclose()
+        await self._nodes.close()
 
     async def send(self, commands: Sequence[Packed], keys: Sequence[bytes]) -> list[Any]:
         """Run each command (of the one key at the same place in ``keys``) on the master of
@@ -122,7 +120,7 @@ class ClusterTarget:
         slots = [slot_of(k) for k in keys]
         pending = list(range(len(commands)))
         asked: dict[int, Address] = {}  # command -> the importing node an ASK named
-        delay = _BACKOFF
+        delay = BACKOFF
         last: BaseException | None = None
         for attempt in range(ATTEMPTS):
             generation = self._generation
@@ -175,7 +173,7 @@ class ClusterTarget:
             # a slot for longer get the time to settle.
             if wait or attempt:
                 await anyio.sleep(delay)
-                delay = min(_BACKOFF_MAX, delay * 2)
+                delay = min(BACKOFF_MAX, delay * 2)
             if stale:
                 try:
                     await self._refresh(generation)
@@ -253,7 +251,7 @@ class ClusterTarget:
                 shape.append(-1)
                 continue
             if ask:
-                parts.append(_ASKING)
+                parts.append(ASKING)
             # A large value redirected by ASK is copied whole: rare, and it must follow
             # ASKING on the same connection.
             parts.append(command if type(command) is bytes else b"".join(command))  # type: ignore[arg-type]

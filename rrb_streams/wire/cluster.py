@@ -29,6 +29,9 @@ from rrb_streams.wire.urls import redact_url
 
 SLOTS = 16384
 
+#: ``ASKING`` packed: sent before a command that follows an ``ASK`` redirection.
+ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
 Address = tuple[str, int]
 
 
@@ -284,3 +287,31 @@ class TopologyFinder:
             self._known = topology.nodes
             return topology
         raise RedisConnectionError(f"no node of the cluster at {redact_url(self.url)}: {last}")
+
+
+class NodeClients:
+    """One client per cluster node, made on first use, each reached with the URL's scheme and
+    credentials (:func:`node_url`)."""
+
+    def __init__(self, url: str, *, tls: TlsOptions = NO_TLS, name: str = "rrb") -> None:
+        self.url = url
+        self._tls = tls
+        self._name = name
+        self._clients: dict[Address, Redis] = {}
+
+    def url_of(self, address: Address) -> str:
+        return node_url(self.url, *address)
+
+    def get(self, address: Address) -> Redis:
+        r = self._clients.get(address)
+        if r is None:
+            r = self._clients[address] = connect(
+                self.url_of(address), name=self._name, tls=self._tls
+            )
+        return r
+
+    async def close(self) -> None:
+        """Close every client. Idempotent."""
+        clients, self._clients = list(self._clients.values()), {}
+        for r in clients:
+            await r.aclose()

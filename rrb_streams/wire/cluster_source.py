@@ -42,7 +42,7 @@ from redis.exceptions import (
 )
 
 from rrb_streams.format.codec import KeyRecord
-from rrb_streams.wire.cluster import Address, Topology, TopologyFinder, node_url, slot_of
+from rrb_streams.wire.cluster import ASKING, Address, NodeClients, Topology, TopologyFinder, slot_of
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.resp import pipeline_packed
 from rrb_streams.wire.source import (
@@ -59,10 +59,9 @@ from rrb_streams.wire.urls import redact_url
 
 #: Rounds of a read before its redirections or outages are left to the caller's retry.
 ATTEMPTS = 8
-_BACKOFF = 0.05  # seconds, doubled per round up to _BACKOFF_MAX
-_BACKOFF_MAX = 1.0
+BACKOFF = 0.05  # seconds, doubled per round up to BACKOFF_MAX
+BACKOFF_MAX = 1.0
 
-_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
@@ -108,7 +107,7 @@ class ClusterSource:
         self.url = url
         self._tls = tls
         self._exact_expiry = exact_expiry
-        self._clients: dict[Address, Redis] = {}
+        self._nodes = NodeClients(url, tls=tls, name="rrb-upload")
         self._versions: dict[Address, str] = {}
         self._topology: Topology | None = None
         self._finder = TopologyFinder(url, tls=tls, name="rrb-upload")
@@ -122,11 +121,7 @@ class ClusterSource:
 
     def client_at(self, address: Address) -> Redis:
         """The client of the node at ``address`` (created on first use)."""
-        r = self._clients.get(address)
-        if r is None:
-            url = node_url(self.url, *address)
-            r = self._clients[address] = connect(url, name="rrb-upload", tls=self._tls)
-        return r
+        return self._nodes.get(address)
 
     def scan_clients(self, db: int) -> list[Redis]:
         """A client of every master, as of the last topology read (``SCAN`` is node-local)."""
@@ -175,7 +170,7 @@ class ClusterSource:
             pending.setdefault(slot_of(key), []).append(i)
         one_by_one: set[int] = set()  # slots read a key per transaction (ASK seen)
         asked: dict[int, Address] = {}  # key index -> the importing node ASK named
-        delay = _BACKOFF
+        delay = BACKOFF
         last: BaseException | None = None
         for _ in range(ATTEMPTS):
             plan, unowned = self._plan(keys, pending, one_by_one, asked)
@@ -220,7 +215,7 @@ class ClusterSource:
                 break
             pending = {slot: sorted(set(idx)) for slot, idx in retry.items()}
             await anyio.sleep(delay)
-            delay = min(_BACKOFF_MAX, delay * 2)
+            delay = min(BACKOFF_MAX, delay * 2)
             if stale:
                 try:
                     await self.refresh()
@@ -286,7 +281,7 @@ class ClusterSource:
             count = read_count(len(job.indices))
             keys_of.append(count)
             body = read_body(job.keys, exact_expiry=bool(self._exact_expiry))
-            parts += [_ASKING if job.asking else b"", _MULTI, body, _EXEC]
+            parts += [ASKING if job.asking else b"", _MULTI, body, _EXEC]
             total += (1 if job.asking else 0) + 1 + count + 1
         replies = await pipeline_packed(self.client_at(address), b"".join(parts), total)
         out: list[Any] = []
@@ -312,9 +307,7 @@ class ClusterSource:
 
     async def close(self) -> None:
         """Close every client. Idempotent."""
-        clients, self._clients = list(self._clients.values()), {}
-        for r in clients:
-            await r.aclose()
+        await self._nodes.close()
 
     def __repr__(self) -> str:
         return f"ClusterSource({redact_url(self.url)!r})"

@@ -74,7 +74,7 @@ class _SlowDownHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass
+        """Quiet: a request log per test request would bury the test output."""
 
 
 @pytest.fixture
