@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from rrb_streams.backup.bridge import Bridge
@@ -24,6 +25,7 @@ from rrb_streams.cli.common import (
 )
 from rrb_streams.compact.service import AutoCompactor
 from rrb_streams.config import BridgeConfig, CompactConfig, UploadConfig
+from rrb_streams.crypt.keys import AgeKeys
 from rrb_streams.errors import ConfigError
 from rrb_streams.logs import configure, get_logger
 from rrb_streams.ops.metrics import Metrics
@@ -72,8 +74,17 @@ def _upload_config(args: argparse.Namespace) -> UploadConfig:
     ).validate()
 
 
-def _compact_config(args: argparse.Namespace, upload: UploadConfig) -> CompactConfig:
-    return options.compaction(args, upload.effective_stream_url, upload.path_prefix)
+def _compact_config(args: argparse.Namespace, upload: UploadConfig, keys: AgeKeys) -> CompactConfig:
+    cfg = options.compaction(args, upload.effective_stream_url, upload.path_prefix)
+    if cfg.enabled and upload.layout == "segments" and keys.recipients and not keys.identities:
+        # Compaction reads what it merges: an uploader holding only public keys cannot.
+        get_logger("compact").warning(
+            "compaction.off",
+            reason="objects are encrypted and no --age-identity was given",
+            hint="run rrb-compact where the identity is, or give this process --age-identity",
+        )
+        return replace(cfg, enabled=False)
+    return cfg
 
 
 def _uploaders(
@@ -144,14 +155,15 @@ def upload(argv: Sequence[str] | None = None) -> int:
     options.add_stream(p)
     options.add_upload(p, "concurrent storage writes in this process (default: %(default)s)")
     options.add_compaction(p, automatic=True)
+    options.add_age(p, writes=True, reads=True)
     options.add_tls(p)
     options.add_metrics(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet)
     try:
-        spec = options.writable_storage(args)
+        spec = options.writable_storage(args, rewrites=True)
         cfg = _upload_config(args)
-        compact_cfg = _compact_config(args, cfg)
+        compact_cfg = _compact_config(args, cfg, spec.age)
         where = options.metrics_endpoint(args)
     except ConfigError as exc:
         return usage_error(p.prog, exc)
@@ -191,6 +203,7 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     options.add_bridge(p)
     options.add_upload(p, "upload workers: concurrent storage writes (default: %(default)s)")
     options.add_compaction(p, automatic=True)
+    options.add_age(p, writes=True, reads=True)
     options.add_tls(p)
     options.add_metrics(p)
     args = p.parse_args(argv)
@@ -202,9 +215,9 @@ def rrb(argv: Sequence[str] | None = None) -> int:
     )
     try:
         bridge_cfg = _bridge_config(args)
-        spec = options.writable_storage(args)
+        spec = options.writable_storage(args, rewrites=True)
         upload_cfg = _upload_config(args)
-        compact_cfg = _compact_config(args, upload_cfg)
+        compact_cfg = _compact_config(args, upload_cfg, spec.age)
         where = options.metrics_endpoint(args)
     except ConfigError as exc:
         return usage_error(p.prog, exc)
@@ -219,6 +232,12 @@ def rrb(argv: Sequence[str] | None = None) -> int:
             lines[0] += " (a Redis Cluster: every master is backed up)"
         lines.append(f"[*] Using Redis pattern: '{bridge_cfg.pattern}'")
         lines += storage_lines(spec, upload_cfg.path_prefix)
+        if spec.age.recipients:
+            lines.append(
+                "[*] Encrypting with age to "
+                + ", ".join(r.fingerprint for r in spec.age.recipients)
+                + ("" if compact_cfg.enabled else "; compaction is rrb-compact's job (no identity)")
+            )
         if upload_cfg.layout == "segments":
             lines.append(
                 f"[*] Layout: segments, one every {upload_cfg.segment_interval:g} s; "

@@ -36,6 +36,7 @@ def compact(argv: Sequence[str] | None = None) -> int:
     options.add_storage(p)
     options.add_own_prefix(p, "rrb's keys (the lease)")
     options.add_compaction(p, automatic=False)
+    options.add_age(p, writes=True, reads=True)
     p.add_argument("--snapshot", action="store_true", help="take a snapshot now, whatever is due")
     p.add_argument(
         "--strict", action="store_true", help="exit 3 when another process holds the lease"
@@ -45,7 +46,7 @@ def compact(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=args.quiet or args.json)
     try:
-        spec = options.storage(args)
+        spec = options.storage(args, rewrites=True)
         cfg = options.compaction(args, redis_url(args), args.path, as_json=args.json)
     except ConfigError as exc:
         return usage_error(p.prog, exc)

@@ -7,6 +7,8 @@ show it with ``%(default)s``, so the help can never disagree with what runs.
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import replace
 from typing import Any
 
 from rrb_streams.config import (
@@ -17,6 +19,8 @@ from rrb_streams.config import (
     default,
     parse_duration,
 )
+from rrb_streams.crypt.keys import IDENTITY_FILE_ENV, RECIPIENTS_ENV, AgeKeys, age_keys
+from rrb_streams.errors import ConfigError
 from rrb_streams.ops import observe
 from rrb_streams.storage.url import SSE_MODES, StorageSpec, parse_storage_url, with_sse
 from rrb_streams.wire.keys import DEFAULT_OWN_PREFIX
@@ -97,14 +101,72 @@ def add_sse(p: argparse.ArgumentParser) -> None:
     )
 
 
-def storage(args: argparse.Namespace) -> StorageSpec:
-    """The storage ``--storage`` names (over ``S3_BUCKET``). Raises ``ConfigError``."""
-    return parse_storage_url(args.storage)
+def add_age(p: argparse.ArgumentParser, *, writes: bool, reads: bool) -> None:
+    """The age options: recipients for commands that write objects, an identity file for
+    commands that read them."""
+    g = p.add_argument_group("client-side encryption (age)")
+    if writes:
+        g.add_argument(
+            "--age-recipient",
+            action="append",
+            default=[],
+            metavar="KEY",
+            help="encrypt every object written to this age1… public key; repeat for several "
+            f"(default: ${RECIPIENTS_ENV}, else no encryption)",
+        )
+        g.add_argument(
+            "--age-recipients-file",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="encrypt to every age1… recipient in FILE, one per line",
+        )
+    if reads:
+        g.add_argument(
+            "--age-identity",
+            metavar="FILE",
+            help="age identity file (AGE-SECRET-KEY-1… lines) to decrypt objects with "
+            f"(default: ${IDENTITY_FILE_ENV})",
+        )
 
 
-def writable_storage(args: argparse.Namespace) -> StorageSpec:
+def age(args: argparse.Namespace, *, rewrites: bool = False) -> AgeKeys:
+    """The keys of :func:`add_age`'s options, over their environment variables.
+
+    ``rewrites``: the command decrypts objects and writes them again (compaction, verify
+    --repair). With an identity it must then have recipients too, or it would store what it
+    rewrites unencrypted. Raises ``ConfigError``.
+    """
+    writes = hasattr(args, "age_recipient")
+    reads = hasattr(args, "age_identity")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k == RECIPIENTS_ENV and writes) or (k == IDENTITY_FILE_ENV and reads)
+    }
+    keys = age_keys(
+        getattr(args, "age_recipient", ()),
+        getattr(args, "age_recipients_file", ()),
+        getattr(args, "age_identity", None),
+        env,
+    )
+    if rewrites and keys.identities and not keys.recipients:
+        raise ConfigError(
+            "--age-identity without --age-recipient: what this command rewrites would be "
+            f"stored unencrypted; give the writers' recipients too (or ${RECIPIENTS_ENV})"
+        )
+    return keys
+
+
+def storage(args: argparse.Namespace, *, rewrites: bool = False) -> StorageSpec:
+    """The storage ``--storage`` names (over ``S3_BUCKET``), seen through the age keys of
+    :func:`add_age`'s options when the command has them. Raises ``ConfigError``."""
+    return replace(parse_storage_url(args.storage), age=age(args, rewrites=rewrites))
+
+
+def writable_storage(args: argparse.Namespace, *, rewrites: bool = False) -> StorageSpec:
     """:func:`storage` with the server-side encryption options. Raises ``ConfigError``."""
-    return with_sse(storage(args), args.s3_sse, args.s3_sse_kms_key_id)
+    return with_sse(storage(args, rewrites=rewrites), args.s3_sse, args.s3_sse_kms_key_id)
 
 
 def add_own_prefix(

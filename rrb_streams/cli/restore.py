@@ -153,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, time to finish in-flight objects (default: %(default)g)",
     )
+    options.add_age(p, writes=False, reads=True)
     options.add_tls(p)
     options.add_metrics(p)
     return p

@@ -31,7 +31,6 @@ from rrb_streams.errors import ConfigError, RrbError
 from rrb_streams.logs import configure
 from rrb_streams.ops.backup_state import OVERDUE_FACTOR, BackupState, collect_backup, render_backup
 from rrb_streams.ops.status import StreamStatus, collect, render
-from rrb_streams.storage.url import parse_storage_url
 from rrb_streams.wire.connections import ping
 from rrb_streams.wire.slot_client import connect_own
 from rrb_streams.wire.urls import redact_url
@@ -64,6 +63,13 @@ def status(argv: Sequence[str] | None = None) -> int:
         f"segment and the newest manifest are older than {OVERDUE_FACTOR} times it "
         f"(default: {options.duration_text(every)})",
     )
+    g.add_argument(
+        "--age-identity",
+        metavar="FILE",
+        help="age identity file, to read an encrypted backup's manifest and block indexes "
+        "(default: $RRB_AGE_IDENTITY_FILE; without one, what the listing and the "
+        "objects' headers tell)",
+    )
     options.add_tls(p)
     args = p.parse_args(argv)
     configure(debug=args.debug, quiet=True)
@@ -74,7 +80,7 @@ def status(argv: Sequence[str] | None = None) -> int:
             stream_url=redis_url(args),
             own_prefix=args.own_prefix,
             as_json=args.json,
-            storage=parse_storage_url(args.storage) if args.storage else None,
+            storage=options.storage(args) if args.storage else None,
             path_prefix=args.path,
             level1_every=(
                 every

@@ -57,6 +57,7 @@ def verify(argv: Sequence[str] | None = None) -> int:
         "counted (default: %(default)g)",
     )
     options.add_stream(p)
+    options.add_age(p, writes=False, reads=True)
     options.add_tls(p)
     args = p.parse_args(argv)
     tty = sys.stderr.isatty() and not args.quiet

@@ -31,6 +31,8 @@ from typing import Any
 
 import anyio
 
+from rrb_streams.crypt.age import MAGIC as AGE_MAGIC
+from rrb_streams.crypt.age import NotDecryptable, is_encrypted, missing_identity
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
@@ -155,20 +157,30 @@ class FooterStats:
 
 async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
     """The block index of one segment: a ranged GET of its tail, a second when the index is
-    longer than :data:`TAIL_READ`. Raises ``CorruptObject`` or ``ObjectNotFound``."""
+    longer than :data:`TAIL_READ`. Raises ``CorruptObject`` or ``ObjectNotFound``.
+
+    The index is checked against the size the tail read reports, not ``info.size``: for an
+    encrypted object that is the plaintext's size, which no listing knows.
+    """
     if info.size == 0:
         raise CorruptObject(f"{info.name}: empty, not a segment")
-    want = min(TAIL_READ, info.size)
+    want = TAIL_READ
     while True:
-        tail = await storage.get_range(info.name, -want, want)
+        tail, size = await storage.get_tail(info.name, want)
         try:
-            return read_footer(tail, info.size, info.name)
+            return read_footer(tail, size, info.name)
         except NeedMore as more:
-            if more.needed <= want or more.needed > info.size:
+            if more.needed <= want or more.needed > size:
                 raise CorruptObject(
                     f"{info.name}: the block index does not fit the object"
                 ) from None
             want = more.needed
+        except CorruptObject:
+            # An age file read without an identity (a reader given one decrypts it below
+            # this layer) makes no sense as a segment: worth one small read to say so.
+            if is_encrypted(await storage.get_range(info.name, 0, len(AGE_MAGIC))):
+                raise NotDecryptable(missing_identity(info.name)) from None
+            raise
 
 
 async def read_footers(

@@ -90,6 +90,13 @@ class TimedStorage:
         finally:
             self._get_range.observe(time.perf_counter() - started)
 
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        started = time.perf_counter()
+        try:
+            return await self.inner.get_tail(name, length)
+        finally:
+            self._get_range.observe(time.perf_counter() - started)
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         started = time.perf_counter()
         try:

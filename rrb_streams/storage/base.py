@@ -90,6 +90,16 @@ class Storage(Protocol):
         """
         ...
 
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes of the object (all of it when shorter) and its size in
+        bytes, in one request: the size the bytes were cut from, whatever a listing said.
+
+        Raises as :meth:`get_range` does. Readers of a segment's block index use it: the
+        index's offsets are checked against the size (an encrypted object's plaintext size is
+        only known from its stored size and its header).
+        """
+        ...
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         """The objects' bytes, in the order of ``names``, fetched one after another.
 

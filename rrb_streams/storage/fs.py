@@ -376,7 +376,13 @@ class FsStorage:
         """Read ``length`` bytes from ``start`` (from the end when negative) in a worker
         thread; ``ObjectNotFound`` naming it when absent."""
         check_range(name, length)
-        return await self._run(self._read_range, name, start, length)
+        data, _ = await self._run(self._read_range, name, start, length)
+        return data
+
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        """:meth:`get_range` of the last ``length`` bytes, with the file's size."""
+        check_range(name, length)
+        return await self._run(self._read_range, name, -length, length)
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         """Read the files in one trip to a worker thread: a trip costs more than a small read."""
@@ -413,7 +419,7 @@ class FsStorage:
         except OSError as exc:
             raise self._error(exc, name, "read") from exc
 
-    def _read_range(self, name: str, start: int, length: int) -> bytes:
+    def _read_range(self, name: str, start: int, length: int) -> tuple[bytes, int]:
         try:
             fd = os.open(f"{self._root_text}/{name}", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -433,7 +439,7 @@ class FsStorage:
                         want -= len(chunk)
             finally:
                 os.close(fd)
-            return b"".join(chunks)
+            return b"".join(chunks), info.st_size
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise ObjectNotFound(f"no object named {name!r} in {self.description}") from exc
         except OSError as exc:

@@ -67,6 +67,11 @@ class MemoryStorage:
         check_range(name, length)
         return slice_range(await self.get(name), start, length)
 
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        check_range(name, length)
+        data = await self.get(name)
+        return data[-length:], len(data)
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         return await get_each(self, names)
 

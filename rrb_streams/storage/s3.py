@@ -361,6 +361,14 @@ class S3Storage:
     async def get_range(self, name: str, start: int, length: int) -> bytes:
         """One ranged GetObject: ``Range: bytes=start-end``, or ``bytes=-n`` for a negative
         start (the last ``n`` bytes; only the first ``length`` of them are returned)."""
+        data, _ = await self._ranged(name, start, length)
+        return data
+
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        """One GetObject of ``Range: bytes=-length``; the size is Content-Range's total."""
+        return await self._ranged(name, -length, length)
+
+    async def _ranged(self, name: str, start: int, length: int) -> tuple[bytes, int]:
         check_range(name, length)
         client = await self._get_client()
         ranged = f"bytes={start}-{start + length - 1}" if start >= 0 else f"bytes={start}"
@@ -371,13 +379,18 @@ class S3Storage:
                 )
             except ClientError as exc:
                 if _invalid_range(exc):
-                    return b""  # start at or past the end (or an empty object)
+                    # Start at or past the end (or an empty object): the size is in the
+                    # error's Content-Range ("bytes */size") when the server sent one.
+                    total = _total(exc.response.get("Error", {}).get("ActualObjectSize"))
+                    return b"", total if total is not None else max(start, 0)
                 raise
             async with response["Body"] as body:
                 data = await body.read()
         if "ContentRange" not in response:
-            return slice_range(data, start, length)  # a server that ignored the range
-        return data[:length]
+            # A server that ignored the range sent the whole object.
+            return slice_range(data, start, length), len(data)
+        total = _total(response["ContentRange"].rpartition("/")[2])
+        return data[:length], len(data) if total is None else total
 
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         return await get_each(self, names)
@@ -469,6 +482,11 @@ class S3Storage:
                 f"{self._what(name)} unavailable ({code or status}: {message})"
             )
         return ObjectRejected(f"{self._what(name)} rejected ({code or status}: {message})")
+
+
+def _total(text: object) -> int | None:
+    """The size in a Content-Range's ``/size`` (``None`` for ``*`` or nothing)."""
+    return int(text) if isinstance(text, str) and text.isdigit() else None
 
 
 def _invalid_range(exc: ClientError) -> bool:

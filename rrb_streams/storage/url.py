@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from rrb_streams.crypt.keys import AgeKeys
 from rrb_streams.errors import ConfigError
 from rrb_streams.storage.base import Storage
+from rrb_streams.storage.encrypted import AgeStorage
 
 DEFAULT_FOLDER = "rrb-backup"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -47,6 +49,7 @@ class StorageSpec:
     defaulted: bool = False  # True when no --storage or S3_BUCKET chose it
     sse: str | None = None  # S3 ServerSideEncryption of written objects: AES256 or aws:kms
     sse_kms_key_id: str | None = None  # with aws:kms: the key; None: the bucket's default
+    age: AgeKeys = field(default_factory=AgeKeys)  # client-side encryption: see open_storage
 
     @property
     def description(self) -> str:
@@ -149,7 +152,13 @@ def with_sse(
 
 
 def open_storage(spec: StorageSpec) -> Storage:
-    """Build the backend for ``spec``. Opens no connection yet; call ``check()`` next."""
+    """Build the backend for ``spec``, seen through its age keys (:class:`AgeStorage`: with
+    no keys it still names an encrypted object it cannot read). Opens no connection yet;
+    call ``check()`` next."""
+    return AgeStorage(_backend(spec), spec.age)
+
+
+def _backend(spec: StorageSpec) -> Storage:
     if spec.kind == "s3":
         from rrb_streams.storage.s3 import S3Storage
 

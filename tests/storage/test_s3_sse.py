@@ -9,6 +9,7 @@ import pytest
 
 from rrb_streams.cli.backup import rrb, upload
 from rrb_streams.errors import ConfigError
+from rrb_streams.storage.encrypted import AgeStorage
 from rrb_streams.storage.s3 import S3Storage
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
 from tests.support.moto import boto_client
@@ -25,7 +26,9 @@ async def test_objects_are_written_with_the_chosen_encryption(
 ) -> None:
     spec = with_sse(parse_storage_url(f"s3://{s3_bucket}/base"), sse, key_id, env={})
     assert (spec.sse, spec.sse_kms_key_id) == (sse, key_id)
-    storage = open_storage(spec)
+    opened = open_storage(spec)
+    assert isinstance(opened, AgeStorage)  # with no keys: passes objects through
+    storage = opened.inner
     assert isinstance(storage, S3Storage)
     if multipart:
         storage.multipart_threshold = 10  # a one-part multipart upload for 100 bytes

@@ -126,6 +126,10 @@ class FaultyStorage:
         await self._enter("get", name)
         return await self.inner.get_range(name, start, length)
 
+    async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
+        await self._enter("get", name)
+        return await self.inner.get_tail(name, length)
+
     async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
         for name in names:
             await self._enter("get", name)
