@@ -332,31 +332,43 @@ async def read_range(storage: Storage, rng: Range, *, at_us: int | None = None) 
                 winners[key] = (rec, name)
 
     async def one(run: list[BlockRef]) -> None:
-        name, start = run[0].name, run[0].info.offset
         async with limiter:
-            if len(run) == 1 and run[0].info.raw_length >= LARGE_BLOCK:
-                await large(run[0])
+            await read(run)
+
+    async def read(run: list[BlockRef]) -> None:
+        name, start = run[0].name, run[0].info.offset
+        if len(run) == 1 and run[0].info.raw_length >= LARGE_BLOCK:
+            await large(run[0])
+            return
+        try:
+            data = await storage.get_range(name, start, _run_end(run) - start)
+        except ObjectNotFound as exc:
+            out.damaged += [_damage(ref, f"{name}: gone from storage ({exc})") for ref in run]
+            out.gone = True
+            return
+        except CorruptObject as exc:
+            # Storage itself found damage (an encrypted chunk that fails authentication):
+            # fetch the blocks one by one, so only those the damage covers are lost.
+            if len(run) == 1:
+                out.damaged.append(_damage(run[0], str(exc)))
                 return
-            try:
-                data = await storage.get_range(name, start, _run_end(run) - start)
-            except ObjectNotFound as exc:
-                out.damaged += [_damage(ref, f"{name}: gone from storage ({exc})") for ref in run]
-                out.gone = True
-                return
-            out.fetched += len(data)
             for ref in run:
-                info = ref.info
-                # Cut short when the object is: the block then fails its checksum.
-                block = data[info.offset - start : info.offset - start + info.length]
-                try:
-                    if len(block) > _DECODE_IN_THREAD:
-                        records = await anyio.to_thread.run_sync(decode_block, block, info, name)
-                    else:
-                        records = decode_block(block, info, name)
-                except CorruptObject as exc:
-                    out.damaged.append(_damage(ref, str(exc)))
-                    continue
-                merge(name, records, info)
+                await read([ref])
+            return
+        out.fetched += len(data)
+        for ref in run:
+            info = ref.info
+            # Cut short when the object is: the block then fails its checksum.
+            block = data[info.offset - start : info.offset - start + info.length]
+            try:
+                if len(block) > _DECODE_IN_THREAD:
+                    records = await anyio.to_thread.run_sync(decode_block, block, info, name)
+                else:
+                    records = decode_block(block, info, name)
+            except CorruptObject as exc:
+                out.damaged.append(_damage(ref, str(exc)))
+                continue
+            merge(name, records, info)
 
     async def large(ref: BlockRef) -> None:
         # One large value: fetched in pieces, never held compressed and raw at once.

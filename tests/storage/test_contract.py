@@ -12,10 +12,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+from rrb_streams.crypt import age
 from rrb_streams.errors import ObjectExists, ObjectNotFound
 from rrb_streams.storage.base import ObjectInfo, Storage
 from rrb_streams.storage.fs import FsStorage
+from rrb_streams.storage.encrypted import AgeStorage
 from rrb_streams.storage.memory import MemoryStorage
+from tests.support.age import AGE_KEYS
 from tests.support.moto import S3_SECRET_KEY, moto_storage
 
 pytestmark = pytest.mark.anyio
@@ -52,22 +55,38 @@ def utf8_sorted(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: n.encode("utf-8"))
 
 
-@pytest.fixture(params=["memory", "fs", "s3"])
+@pytest.fixture(params=["memory", "fs", "s3", "age-fs", "age-s3"])
 def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Storage]:
-    """Build the backend under test; ``small_pages`` forces S3 listing to page every 7 keys."""
+    """Build the backend under test; ``small_pages`` forces S3 listing to page every 7 keys.
+
+    ``age-*``: the backend seen through :class:`AgeStorage` with a recipient and its identity:
+    every object is stored encrypted, and every call must still keep the contract.
+    """
     kind: str = request.param
-    if kind == "s3":
+    if kind.endswith("s3"):
         bucket: str = request.getfixturevalue("s3_bucket")
         endpoint: str = request.getfixturevalue("moto_endpoint")
 
     def make(*, small_pages: bool = False) -> Storage:
+        backend: Storage
         if kind == "memory":
             return MemoryStorage()
-        if kind == "fs":
-            return FsStorage(tmp_path / "store")
-        return moto_storage(bucket, endpoint, "some/base/", page_size=7 if small_pages else 1000)
+        if kind.endswith("fs"):
+            backend = FsStorage(tmp_path / "store")
+        else:
+            backend = moto_storage(
+                bucket, endpoint, "some/base/", page_size=7 if small_pages else 1000
+            )
+        return AgeStorage(backend, AGE_KEYS) if kind.startswith("age") else backend
 
     return make
+
+
+def stored_size(storage: Storage, plain: int) -> int:
+    """What a listing says an object of ``plain`` bytes takes (encrypted: more)."""
+    if not isinstance(storage, AgeStorage):
+        return plain
+    return len(age.encrypt(bytes(plain), AGE_KEYS.recipients))
 
 
 @pytest.fixture
@@ -93,21 +112,21 @@ async def test_check_succeeds_on_a_usable_location(storage: Storage) -> None:
 async def test_put_then_get_round_trips(storage: Storage, data: bytes) -> None:
     await storage.put("dir/obj", data)
     assert await storage.get("dir/obj") == data
-    assert await listed(storage) == [ObjectInfo("dir/obj", len(data))]
+    assert await listed(storage) == [ObjectInfo("dir/obj", stored_size(storage, len(data)))]
 
 
 async def test_put_replaces_the_previous_object(storage: Storage) -> None:
     await storage.put("k", b"old value, longer")
     await storage.put("k", b"new")
     assert await storage.get("k") == b"new"
-    assert await listed(storage) == [ObjectInfo("k", 3)]
+    assert await listed(storage) == [ObjectInfo("k", stored_size(storage, 3))]
 
 
 async def test_put_is_idempotent(storage: Storage) -> None:
     for _ in range(3):
         await storage.put("k", b"same")
     assert await storage.get("k") == b"same"
-    assert await listed(storage) == [ObjectInfo("k", 4)]
+    assert await listed(storage) == [ObjectInfo("k", stored_size(storage, 4))]
 
 
 @pytest.mark.parametrize("name", ["", "/abs", "a//b", "a/../b", "./a", "a/", "nul\x00"])
@@ -214,6 +233,21 @@ async def test_get_range_reads_the_current_object(storage: Storage) -> None:
     assert await storage.get_range("seg/1", 3, 100) == b""
 
 
+@pytest.mark.parametrize("size", [0, 1, 1000, 65_535, 65_536, 65_537, 200_000, (1 << 20) + 12_345])
+async def test_get_tail_returns_the_last_bytes_and_the_size(storage: Storage, size: int) -> None:
+    data = os.urandom(size)
+    await storage.put("seg/t", data)
+    for length in (1, 100, 65_536, 70_000, 5_000_000):
+        assert await storage.get_tail("seg/t", length) == (data[-length:], size), length
+
+
+async def test_get_tail_of_a_missing_object_names_it(storage: Storage) -> None:
+    with pytest.raises(ObjectNotFound, match="no/such/segment"):
+        await storage.get_tail("no/such/segment", 10)
+    with pytest.raises(ValueError, match="length must be > 0"):
+        await storage.get_tail("no/such/segment", 0)
+
+
 @pytest.mark.parametrize("start", [0, 10, -10])
 async def test_get_range_of_a_missing_object_names_it(storage: Storage, start: int) -> None:
     with pytest.raises(ObjectNotFound, match="no/such/segment"):
@@ -244,7 +278,7 @@ async def test_delete_is_idempotent(storage: Storage) -> None:
     await storage.delete("a/b")
     await storage.delete("a/b")
     await storage.delete("never/existed")
-    assert await listed(storage) == [ObjectInfo("a/c", 1)]
+    assert await listed(storage) == [ObjectInfo("a/c", stored_size(storage, 1))]
 
 
 async def test_list_yields_names_in_bytewise_utf8_order(storage: Storage) -> None:
@@ -253,7 +287,7 @@ async def test_list_yields_names_in_bytewise_utf8_order(storage: Storage) -> Non
     got = await listed(storage)
     assert [i.name for i in got] == utf8_sorted(STRESS_NAMES)
     sizes = {name: i for i, name in enumerate(reversed(STRESS_NAMES))}
-    assert all(info.size == sizes[info.name] for info in got)
+    assert all(info.size == stored_size(storage, sizes[info.name]) for info in got)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +326,10 @@ async def test_list_reflects_deletes_and_overwrites(storage: Storage) -> None:
         await storage.put(name, b"x")
     await storage.delete("d/2")
     await storage.put("d/3", b"longer")
-    assert await listed(storage, "d/") == [ObjectInfo("d/1", 1), ObjectInfo("d/3", 6)]
+    assert await listed(storage, "d/") == [
+        ObjectInfo("d/1", stored_size(storage, 1)),
+        ObjectInfo("d/3", stored_size(storage, 6)),
+    ]
 
 
 async def test_flush_keeps_everything_readable(storage: Storage) -> None:
@@ -303,7 +340,7 @@ async def test_flush_keeps_everything_readable(storage: Storage) -> None:
     await storage.flush()
     await storage.flush()
     assert await storage.get("f/1") == b"one"
-    assert await listed(storage) == [ObjectInfo("f/1", 3)]
+    assert await listed(storage) == [ObjectInfo("f/1", stored_size(storage, 3))]
 
 
 async def test_close_is_idempotent_and_safe_before_use(
@@ -361,7 +398,7 @@ async def test_put_stream_stores_the_chunks_joined(storage: Storage, chunks: lis
     await storage.flush()
     data = b"".join(chunks)
     assert await storage.get("dir/obj") == data
-    assert await listed(storage) == [ObjectInfo("dir/obj", len(data))]
+    assert await listed(storage) == [ObjectInfo("dir/obj", stored_size(storage, len(data)))]
 
 
 async def test_put_stream_iterates_the_chunks_once_and_off_the_event_loop(
