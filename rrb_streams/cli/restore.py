@@ -25,7 +25,7 @@ from rrb_streams.errors import ConfigError
 from rrb_streams.logs import configure, get_logger
 from rrb_streams.ops.metrics import Metrics
 from rrb_streams.ops.progress import Progress
-from rrb_streams.restore.checks import require_backup, require_versions
+from rrb_streams.restore.checks import require_backup, require_readable, require_versions
 from rrb_streams.restore.planner import preview
 from rrb_streams.restore.report import exit_status, render_preview, render_summary, summary_data
 from rrb_streams.restore.run import Restorer
@@ -175,6 +175,7 @@ def restore(argv: Sequence[str] | None = None) -> int:
         log = get_logger("restore")
         async with opened_storage(cfg.storage, reading="restore") as storage:
             await require_backup(cfg, storage)
+            await require_readable(cfg, storage)
             await require_versions(cfg, storage)
             if cfg.dry_run:
                 plan = await preview(

@@ -482,6 +482,8 @@ async def prefer_keys_layout(
         if isinstance(data, ObjectNotFound):
             continue
         try:
+            if isinstance(data, CorruptObject):
+                raise data
             rec = codec.decode(data, name)
         except CorruptObject as exc:
             if on_damaged is not None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
-from rrb_streams.errors import ObjectNotFound
 from rrb_streams.ops.metrics import Metrics
-from rrb_streams.storage.base import ObjectInfo, Storage
+from rrb_streams.storage.base import Fetched, ObjectInfo, Storage
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -97,7 +96,7 @@ class TimedStorage:
         finally:
             self._get_range.observe(time.perf_counter() - started)
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         started = time.perf_counter()
         try:
             return await self.inner.get_many(names)

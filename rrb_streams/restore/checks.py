@@ -16,8 +16,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.errors import ConfigError, DependencyError
+from rrb_streams.crypt.age import MAGIC as AGE_MAGIC
+from rrb_streams.crypt.age import NotDecryptable, is_encrypted, missing_identity
+from rrb_streams.errors import ConfigError, CorruptObject, DependencyError
+from rrb_streams.format.layout import parse_name
 from rrb_streams.format.manifest import read_latest
+from rrb_streams.format.segment import parse_segment_name
 from rrb_streams.format.selection import find_backup, has_versions
 from rrb_streams.format.view import BeforeRetention
 from rrb_streams.restore.writer import error_text, rdb_version
@@ -120,6 +124,25 @@ async def require_backup(cfg: RestoreConfig, storage: Storage) -> None:
         f"{where} holds no {kind} backup objects: nothing to restore "
         "(check --storage, -P and --format)"
     )
+
+
+async def require_readable(cfg: RestoreConfig, storage: Storage) -> None:
+    """Raise ``NotDecryptable`` when the first backup object under the prefix is encrypted
+    and no identity given opens it: checked before anything is written to the target, so a
+    missing or wrong ``--age-identity`` leaves it untouched."""
+    if cfg.legacy:
+        return  # the original tool's objects: never encrypted
+    async for info in storage.list(cfg.path_prefix):
+        if parse_segment_name(info.name, cfg.path_prefix) or parse_name(info.name, cfg.path_prefix):
+            # Through AgeStorage: decrypted when an identity opens it, refused when none
+            # does, and passed through as it is when none was given.
+            try:
+                head = await storage.get_range(info.name, 0, len(AGE_MAGIC))
+            except CorruptObject:
+                return  # damaged, not locked: the run names it and restores the rest
+            if is_encrypted(head):
+                raise NotDecryptable(missing_identity(info.name))
+            return
 
 
 async def require_versions(cfg: RestoreConfig, storage: Storage) -> None:

@@ -61,7 +61,7 @@ from rrb_streams.format.legacy import decode_legacy, parse_legacy_name
 from rrb_streams.format.ranges import Key, Range, prefer_keys_layout, read_range_fresh
 from rrb_streams.logs import show_key
 from rrb_streams.restore.cluster_target import ClusterTarget, Packed
-from rrb_streams.storage.base import Storage
+from rrb_streams.storage.base import Fetched, Storage
 from rrb_streams.wire import resp
 from rrb_streams.wire.connections import connect
 from rrb_streams.wire.keyglob import compile_glob
@@ -318,7 +318,7 @@ class Writer:
     # -- one item ---------------------------------------------------------------------------
 
     async def _prepare(
-        self, names: Sequence[str], fetched: Mapping[str, bytes | ObjectNotFound]
+        self, names: Sequence[str], fetched: Mapping[str, Fetched]
     ) -> _Write | Result:
         cfg = self._cfg
         if not names:
@@ -385,9 +385,9 @@ class Writer:
         self._log.warning("restore.newer_rdb", object=name, reason=reason)
         return self._failed(name, reason)
 
-    def _prepare_legacy(self, name: str, data: bytes | ObjectNotFound) -> _Write | Result:
+    def _prepare_legacy(self, name: str, data: Fetched) -> _Write | Result:
         try:
-            if isinstance(data, ObjectNotFound):
+            if not isinstance(data, bytes):
                 raise data
             key, value = decode_legacy(data, name)
             parsed = parse_legacy_name(name, self._cfg.path_prefix)
@@ -404,8 +404,8 @@ class Writer:
         assert self._cfg.into_db is not None
         return _Write(self._cfg.into_db, command, name, key, len(value))
 
-    async def _decode(self, name: str, data: bytes | ObjectNotFound) -> KeyRecord:
-        if isinstance(data, ObjectNotFound):
+    async def _decode(self, name: str, data: Fetched) -> KeyRecord:
+        if not isinstance(data, bytes):
             raise data
         if len(data) > _DECODE_IN_THREAD:
             return await anyio.to_thread.run_sync(codec.decode, data, name)

@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from rrb_streams.errors import ObjectNotFound
+from rrb_streams.errors import CorruptObject, ObjectNotFound
+
+#: One object of :meth:`Storage.get_many`: its bytes, or why it has none.
+Fetched = bytes | ObjectNotFound | CorruptObject
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +103,14 @@ class Storage(Protocol):
         """
         ...
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         """The objects' bytes, in the order of ``names``, fetched one after another.
 
-        An absent object gives its ``ObjectNotFound`` in its place, not raised; any other
-        error raises for the whole call. One request at a time, like :meth:`get`, but cheaper
-        per object where a backend can batch (the filesystem reads them in one thread trip).
+        An absent object gives its ``ObjectNotFound`` in its place, not raised, and an object
+        storage itself finds damaged (an encrypted one that fails authentication) its
+        ``CorruptObject``; any other error raises for the whole call. One request at a time,
+        like :meth:`get`, but cheaper per object where a backend can batch (the filesystem
+        reads them in one thread trip).
         """
         ...
 
@@ -161,12 +166,12 @@ def slice_range(data: bytes, start: int, length: int) -> bytes:
     return data[start : start + length]
 
 
-async def get_each(storage: Storage, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+async def get_each(storage: Storage, names: Sequence[str]) -> list[Fetched]:
     """:meth:`Storage.get_many` for a backend with nothing to batch: one ``get`` at a time."""
-    out: list[bytes | ObjectNotFound] = []
+    out: list[Fetched] = []
     for name in names:
         try:
             out.append(await storage.get(name))
-        except ObjectNotFound as exc:
+        except (ObjectNotFound, CorruptObject) as exc:
             out.append(exc)
     return out

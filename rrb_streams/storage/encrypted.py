@@ -29,8 +29,8 @@ import anyio
 
 from rrb_streams.crypt import age
 from rrb_streams.crypt.keys import AgeKeys
-from rrb_streams.errors import CorruptObject, ObjectNotFound
-from rrb_streams.storage.base import ObjectInfo, Storage, check_range
+from rrb_streams.errors import CorruptObject
+from rrb_streams.storage.base import Fetched, ObjectInfo, Storage, check_range
 
 #: Objects whose unwrapped keys are kept: a restore reads a few hundred segments at once.
 HEADERS_KEPT = 4096
@@ -94,12 +94,15 @@ class AgeStorage:
     async def get(self, name: str) -> bytes:
         return await self._opened_whole(name, await self.inner.get(name))
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
-        out: list[bytes | ObjectNotFound] = []
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
+        out: list[Fetched] = []
         for name, data in zip(names, await self.inner.get_many(names), strict=True):
-            out.append(
-                data if isinstance(data, ObjectNotFound) else await self._opened_whole(name, data)
-            )
+            if isinstance(data, bytes):
+                try:
+                    data = await self._opened_whole(name, data)
+                except CorruptObject as exc:
+                    data = exc  # tampered: this object's reader says so, the rest go on
+            out.append(data)
         return out
 
     async def _opened_whole(self, name: str, data: bytes) -> bytes:

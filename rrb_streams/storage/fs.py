@@ -56,7 +56,7 @@ from rrb_streams.errors import (
     RrbError,
     StorageUnavailable,
 )
-from rrb_streams.storage.base import ObjectInfo, Storage, check_name, check_range
+from rrb_streams.storage.base import Fetched, ObjectInfo, Storage, check_name, check_range
 
 T = TypeVar("T")
 _READ_CHUNK = 1 << 20
@@ -384,14 +384,14 @@ class FsStorage:
         check_range(name, length)
         return await self._run(self._read_range, name, -length, length)
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         """Read the files in one trip to a worker thread: a trip costs more than a small read."""
         for name in names:
             check_name(name)
         return await self._run(self._read_many, names)
 
-    def _read_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
-        out: list[bytes | ObjectNotFound] = []
+    def _read_many(self, names: Sequence[str]) -> list[Fetched]:
+        out: list[Fetched] = []
         for name in names:
             try:
                 out.append(self._read(name))

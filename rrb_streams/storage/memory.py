@@ -9,6 +9,7 @@ import anyio
 
 from rrb_streams.errors import ObjectExists, ObjectNotFound
 from rrb_streams.storage.base import (
+    Fetched,
     ObjectInfo,
     Storage,
     check_name,
@@ -72,7 +73,7 @@ class MemoryStorage:
         data = await self.get(name)
         return data[-length:], len(data)
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         return await get_each(self, names)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:

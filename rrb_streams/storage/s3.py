@@ -49,6 +49,7 @@ from rrb_streams.errors import (
 )
 from rrb_streams.logs import get_logger
 from rrb_streams.storage.base import (
+    Fetched,
     ObjectInfo,
     Storage,
     check_name,
@@ -392,7 +393,7 @@ class S3Storage:
         total = _total(response["ContentRange"].rpartition("/")[2])
         return data[:length], len(data) if total is None else total
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         return await get_each(self, names)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:

@@ -73,7 +73,7 @@ from rrb_streams.format.ranges import (
 from rrb_streams.format.selection import Item, PlanStats, has_keys_layout, select
 from rrb_streams.logs import get_logger, show_key
 from rrb_streams.ops.progress import Progress, Throttled
-from rrb_streams.storage.base import Storage
+from rrb_streams.storage.base import Fetched, Storage
 from rrb_streams.verify.report import EXAMPLES, Summary
 from rrb_streams.wire import index
 from rrb_streams.wire.cluster_source import open_source
@@ -570,13 +570,15 @@ def _now_ms() -> float:
     return time.time() * 1000
 
 
-def _newest(names: Sequence[str], blobs: Sequence[bytes | ObjectNotFound]) -> _Stored:
+def _newest(names: Sequence[str], blobs: Sequence[Fetched]) -> _Stored:
     """The newest of one key's candidate objects, as :mod:`rrb_streams.restore.writer` picks it."""
     chosen: KeyRecord | None = None
     chosen_name: str | None = None
     for name, blob in zip(names, blobs, strict=True):
         if isinstance(blob, ObjectNotFound):
             continue  # deleted since the listing: the other candidate, or absent
+        if isinstance(blob, CorruptObject):
+            return _Stored(None, name, corrupt=str(blob))
         try:
             rec = codec.decode(blob, name)
         except CorruptObject as exc:

@@ -15,8 +15,8 @@ import pytest
 from rrb_streams.crypt import age
 from rrb_streams.errors import ObjectExists, ObjectNotFound
 from rrb_streams.storage.base import ObjectInfo, Storage
-from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.encrypted import AgeStorage
+from rrb_streams.storage.fs import FsStorage
 from rrb_streams.storage.memory import MemoryStorage
 from tests.support.age import AGE_KEYS
 from tests.support.moto import S3_SECRET_KEY, moto_storage

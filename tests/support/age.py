@@ -7,6 +7,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from rrb_streams.crypt.keys import AgeKeys, Identity, bech32_encode
+from rrb_streams.storage.url import StorageSpec
+from tests.support.moto import boto_client
 
 
 def new_identity() -> Identity:
@@ -31,3 +33,35 @@ def identity_file(path: Path, *identities: Identity) -> Path:
 ALICE = new_identity()
 BOB = new_identity()
 AGE_KEYS = AgeKeys(recipients=(ALICE.recipient,), identities=(ALICE,))
+
+
+def stored_objects(spec: StorageSpec) -> dict[str, bytes]:
+    """Every object a backup location holds, read straight from the folder or the bucket
+    (under our storage layer, so as an attacker with read access sees them)."""
+    if spec.kind == "fs":
+        assert spec.path is not None
+        return {
+            str(p.relative_to(spec.path)): p.read_bytes()
+            for p in sorted(spec.path.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
+    assert spec.endpoint_url is not None
+    client = boto_client(spec.endpoint_url)
+    out: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=spec.bucket, Prefix=spec.base
+    ):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=spec.bucket, Key=item["Key"])["Body"]
+            out[item["Key"][len(spec.base) :]] = body.read()
+    return out
+
+
+def write_object(spec: StorageSpec, name: str, data: bytes) -> None:
+    """Replace one stored object's bytes behind our storage layer's back (damage)."""
+    if spec.kind == "fs":
+        assert spec.path is not None
+        (spec.path / name).write_bytes(data)
+        return
+    assert spec.endpoint_url is not None
+    boto_client(spec.endpoint_url).put_object(Bucket=spec.bucket, Key=spec.base + name, Body=data)

@@ -30,8 +30,8 @@ from typing import Literal
 
 import anyio
 
-from rrb_streams.errors import ObjectNotFound, ObjectRejected, StorageUnavailable
-from rrb_streams.storage.base import ObjectInfo, Storage
+from rrb_streams.errors import ObjectRejected, StorageUnavailable
+from rrb_streams.storage.base import Fetched, ObjectInfo, Storage
 from rrb_streams.storage.memory import MemoryStorage
 
 Method = Literal["check", "put", "get", "list", "delete", "flush"]
@@ -130,7 +130,7 @@ class FaultyStorage:
         await self._enter("get", name)
         return await self.inner.get_tail(name, length)
 
-    async def get_many(self, names: Sequence[str]) -> list[bytes | ObjectNotFound]:
+    async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         for name in names:
             await self._enter("get", name)
         return await self.inner.get_many(names)
