@@ -252,6 +252,8 @@ class StatusConfig(_OwnKeys, _Masked):
     path_prefix: str = ""
     # Compaction is reported overdue after 3 times this (the compaction option's default).
     level1_every: float = CompactConfig.level1_every
+    # An encrypted backup read without an identity: merged segments stay this long.
+    compaction_grace: float = CompactConfig.grace
     tls: TlsOptions = NO_TLS
 
     def validate(self) -> StatusConfig:
@@ -261,6 +263,10 @@ class StatusConfig(_OwnKeys, _Masked):
         if self.path_prefix and self.storage is None:
             raise ConfigError(f"-P/--path {self.path_prefix!r} needs --storage")
         _positive("level1_every", self.level1_every)
+        if self.compaction_grace < 0:
+            raise ConfigError(
+                f"invalid --compaction-grace {self.compaction_grace!r}: must not be negative"
+            )
         return self
 
 

@@ -63,6 +63,14 @@ def status(argv: Sequence[str] | None = None) -> int:
         f"segment and the newest manifest are older than {OVERDUE_FACTOR} times it "
         f"(default: {options.duration_text(every)})",
     )
+    grace = default(StatusConfig, "compaction_grace")
+    g.add_argument(
+        "--compaction-grace",
+        metavar="DURATION",
+        help="the backup's --compaction-grace: read with no identity, an encrypted backup's "
+        "manifest is not known, so a level-0 segment counts as overdue only after this "
+        f"much longer (default: {options.duration_text(grace)})",
+    )
     g.add_argument(
         "--age-identity",
         metavar="FILE",
@@ -76,6 +84,8 @@ def status(argv: Sequence[str] | None = None) -> int:
     try:
         if args.storage is None and args.level1_every is not None:
             raise ConfigError("--level1-every needs --storage")
+        if args.storage is None and args.compaction_grace is not None:
+            raise ConfigError("--compaction-grace needs --storage")
         cfg = StatusConfig(
             stream_url=redis_url(args),
             own_prefix=args.own_prefix,
@@ -86,6 +96,11 @@ def status(argv: Sequence[str] | None = None) -> int:
                 every
                 if args.level1_every is None
                 else parse_duration(args.level1_every, "--level1-every")
+            ),
+            compaction_grace=(
+                grace
+                if args.compaction_grace is None
+                else parse_duration(args.compaction_grace, "--compaction-grace")
             ),
             tls=options.tls(args),
         ).validate()
@@ -122,7 +137,12 @@ def status(argv: Sequence[str] | None = None) -> int:
     async def read_backup() -> BackupState:
         assert cfg.storage is not None
         async with opened_storage(cfg.storage, reading="show") as storage:
-            return await collect_backup(storage, cfg.path_prefix, level1_every=cfg.level1_every)
+            return await collect_backup(
+                storage,
+                cfg.path_prefix,
+                level1_every=cfg.level1_every,
+                compaction_grace=cfg.compaction_grace,
+            )
 
     async def with_backup() -> int:
         errors: list[str] = []

@@ -28,11 +28,19 @@ from typing import Any
 
 import anyio
 
+from rrb_streams.crypt.age import NotDecryptable
 from rrb_streams.errors import CorruptObject, ObjectNotFound
-from rrb_streams.format.manifest import SNAPSHOT_LEVEL, Manifest, manifest_names, read_latest
+from rrb_streams.format.manifest import (
+    MANIFEST_DIR,
+    SNAPSHOT_LEVEL,
+    Manifest,
+    manifest_names,
+    read_latest,
+)
 from rrb_streams.format.ranges import read_footer_of
 from rrb_streams.format.segment import Footer, parse_segment_name
 from rrb_streams.format.view import list_segments, moment
+from rrb_streams.ops.encryption_state import Encryption, collect_encryption, render_encryption
 from rrb_streams.storage.base import ObjectInfo, Storage
 
 FOOTERS_AT_EACH_END = 8  # level-0 indexes read at the oldest and at the newest end
@@ -82,6 +90,10 @@ class BackupState:
     missing: list[str] = field(default_factory=list)  # named by the manifest, not in storage
     damaged: list[tuple[str, str]] = field(default_factory=list)  # set aside by compaction
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # indexes read here
+    #: Why the manifest and block indexes were not read (encrypted, and no identity given):
+    #: then only the listing, the names and the objects' headers speak.
+    locked: str | None = None
+    encryption: Encryption = field(default_factory=Encryption)
 
     @property
     def found(self) -> bool:
@@ -130,6 +142,8 @@ class BackupState:
             "missing": self.missing,
             "damaged": [{"object": n, "reason": r} for n, r in self.damaged],
             "unreadable": [{"object": n, "reason": r} for n, r in self.unreadable],
+            "locked": self.locked,
+            "encryption": self.encryption.to_dict(),
         }
 
 
@@ -138,13 +152,28 @@ def _round(value: float | None) -> float | None:
 
 
 async def collect_backup(
-    storage: Storage, prefix: str, *, level1_every: float, now_us: int | None = None
+    storage: Storage,
+    prefix: str,
+    *,
+    level1_every: float,
+    compaction_grace: float = 600.0,
+    now_us: int | None = None,
 ) -> BackupState:
     """Read the state of the backup under ``prefix``. Raises ``CorruptObject`` when the newest
     manifest is damaged, and storage errors; a block index that cannot be read is counted in
-    ``unreadable`` instead."""
+    ``unreadable`` instead.
+
+    An encrypted backup read with no identity that opens it is ``locked``: the manifest and
+    the block indexes are not read, every level-0 segment counts as waiting, and compaction
+    is overdue only once one is older than the overdue limit plus ``compaction_grace``
+    (merged segments stay that long before they are deleted).
+    """
+    locked: str | None = None
     for _ in range(_LOOKS):
-        m = await read_latest(storage, prefix)
+        try:
+            m = await read_latest(storage, prefix)
+        except NotDecryptable as exc:
+            m, locked = Manifest(), str(exc)
         listed = [info async for info in list_segments(storage, prefix)]
         # A version committed meanwhile would make its merges look unmerged: look again.
         versions = await manifest_names(storage, prefix)
@@ -153,10 +182,15 @@ async def collect_backup(
     state = BackupState(
         location=f"{storage.description}/{prefix}".rstrip("/"),
         now_us=time.time_ns() // 1000 if now_us is None else now_us,
-        overdue_after_s=OVERDUE_FACTOR * level1_every,
+        overdue_after_s=OVERDUE_FACTOR * level1_every + (compaction_grace if locked else 0),
+        locked=locked,
     )
+    manifests = [info async for info in storage.list(f"{prefix}{MANIFEST_DIR}")]
+    state.encryption = await collect_encryption(storage, listed + manifests)
+    if locked:
+        state.manifest = versions[-1][0] if versions else 0
     waiting = _tally(state, m, listed, prefix)
-    footers = await _footers(storage, _ends(waiting), state)
+    footers = await _footers(storage, [] if locked else _ends(waiting), state)
     _describe(state, m)
     merged = [e for e in m.objects if not e.damaged and e.records]
     newest = [e.max_read_us for e in merged] + [f.max_read_at_us for f in footers if f.records]
@@ -211,6 +245,8 @@ async def _footers(storage: Storage, infos: list[ObjectInfo], state: BackupState
             found.append(await read_footer_of(storage, info))
         except ObjectNotFound:
             pass  # merged and deleted since the listing: the manifest's figures hold it
+        except NotDecryptable as exc:
+            state.locked = state.locked or str(exc)
         except CorruptObject as exc:
             state.unreadable.append((info.name, str(exc)))
 
@@ -303,6 +339,9 @@ def render_backup(state: BackupState) -> str:
         lines.append(
             f"not in the manifest yet (a pass writing, or one that died): {_objects(state.unnamed)}"
         )
+    lines += render_encryption(state.encryption)
+    if state.locked:
+        lines.append(f"manifest and block indexes not read: {state.locked}")
     lines += _compaction_lines(state)
     lines += _problems("named by the manifest but missing from storage", state.missing)
     lines += _problems("damaged, set aside by compaction", [f"{n}: {r}" for n, r in state.damaged])
@@ -313,6 +352,8 @@ def render_backup(state: BackupState) -> str:
 def _compaction_lines(state: BackupState) -> list[str]:
     if state.manifest == 0:
         lines = ["compaction: none yet (no manifest)"]
+    elif state.locked:
+        lines = [f"manifest {state.manifest}: encrypted, not read"]
     else:
         assert state.manifest_written_us is not None
         lines = [

@@ -4,6 +4,7 @@ errors that must leave the target untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from tests.support.age import ALICE, BOB, identity_file, identity_text, stored_o
 from tests.support.compacting import Backup, compact, restore_summary, uploaded
 from tests.support.dataset import difference, snapshot
 from tests.support.pipeline import running_pipeline
-from tests.support.proc import one_line, run_command
+from tests.support.proc import Command, one_line, run_command
 from tests.support.restoring import populate_every_type
 from tests.support.servers import RedisServer
+from tests.support.wait import until
 
 pytestmark = pytest.mark.anyio
 
@@ -263,3 +265,53 @@ async def test_compaction_needs_recipients_when_it_can_decrypt(
         )
         assert done.returncode == 2, (command, done.stderr)
         assert "--age-identity without --age-recipient" in one_line(done.stderr), command
+
+
+async def test_status_without_an_identity_shows_recipients_and_when_compaction_is_overdue(
+    redis_factory: Factory, spec: StorageSpec, tmp_path: Path
+) -> None:
+    source = redis_factory()
+    await back_up(source, writer_spec(spec, ALICE, BOB), "segments", every_type)
+    backup = Backup(spec)
+    quick = ("--level1-every", "0.01", "--compaction-grace", "0")
+    done = await backup.arun("rrb-status", source.url(), "--json", *quick)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)["backup"]
+    fingerprints = f"{ALICE.recipient.fingerprint}, {BOB.recipient.fingerprint}"
+    assert list(state["encryption"]) == [f"age X25519 to {fingerprints}"]
+    assert "give --age-identity" in state["locked"]
+    assert state["compaction_overdue"] is True  # nothing ever compacted it
+    text = (await backup.arun("rrb-status", source.url(), *quick)).stdout
+    assert f"age X25519 to {fingerprints}" in text and "COMPACTION OVERDUE" in text
+    # Compacted where the identity lives: read whole, and on schedule.
+    key = identity_file(tmp_path / "key.txt", BOB)
+    await compact(
+        backup, source.url(), "--age-identity", str(key), "--age-recipient", str(BOB.recipient)
+    )
+    done = await backup.arun("rrb-status", source.url(), "--json", "--age-identity", str(key))
+    state = json.loads(done.stdout)["backup"]
+    assert state["locked"] is None and state["manifest"] >= 1
+    assert state["compaction_overdue"] is False and state["recovery_point_us"]
+    assert identity_text(BOB) not in done.stdout + done.stderr
+
+
+async def test_uploaders_holding_only_public_keys_leave_compaction_to_rrb_compact(
+    redis_server: RedisServer, tmp_path: Path, commands: list[Command]
+) -> None:
+    key = identity_file(tmp_path / "key.txt", ALICE)
+    public = ("--age-recipient", str(ALICE.recipient))
+    for name, extra, off in (("public", (), True), ("both", ("--age-identity", str(key)), False)):
+        log = tmp_path / f"{name}.log"
+        uploader = Command(
+            "rrb-upload",
+            redis_server.url(),
+            "--storage",
+            str(tmp_path / "bk"),
+            *public,
+            *extra,
+            log=log,
+        )
+        commands.append(uploader.start())
+        await until(lambda u=uploader: "upload.started" in u.output(), within=30)
+        assert uploader.terminate() == 0
+        assert ("compaction.off" in uploader.output()) is off, uploader.output()[-2000:]
