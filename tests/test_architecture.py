@@ -6,15 +6,16 @@ a layer must not import each other):
 
 ====  =============================================  ======================================
  0    ``errors``, ``logs``, ``ops.metrics``           exceptions, logging, the registry
- 1    ``storage``                                     the Storage protocol and its backends
- 2    ``format``                                      what is stored, and its names
- 3    ``wire``                                        everything that talks to Redis
- 4    ``config``, ``attime``, ``service``,            settings, times, running components,
+ 1    ``crypt``                                       age keys and the age file format
+ 2    ``storage``                                     the Storage protocol and its backends
+ 3    ``format``                                      what is stored, and its names
+ 4    ``wire``                                        everything that talks to Redis
+ 5    ``config``, ``attime``, ``service``,            settings, times, running components,
       ``retrying``                                    backoff
- 5    ``ops``                                         endpoints, status, progress
- 6    ``backup``, ``restore``, ``verify``,            the four flows, independent
+ 6    ``ops``                                         endpoints, status, progress
+ 7    ``backup``, ``restore``, ``verify``,            the four flows, independent
       ``compact``
- 7    ``cli``                                         the commands: may import anything
+ 8    ``cli``                                         the commands: may import anything
 ====  =============================================  ======================================
 """
 
@@ -31,6 +32,7 @@ MAX_LINES = 600
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "logs", "ops.metrics"),
+    ("crypt",),
     ("storage",),
     ("format",),
     ("wire",),

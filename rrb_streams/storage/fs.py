@@ -375,14 +375,14 @@ class FsStorage:
     async def get_range(self, name: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes from ``start`` (from the end when negative) in a worker
         thread; ``ObjectNotFound`` naming it when absent."""
-        check_range(name, length)
-        data, _ = await self._run(self._read_range, name, start, length)
-        return data
+        return (await self._ranged(name, start, length))[0]
 
     async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
-        """:meth:`get_range` of the last ``length`` bytes, with the file's size."""
+        return await self._ranged(name, -length, length)  # and the file's size
+
+    async def _ranged(self, name: str, start: int, length: int) -> tuple[bytes, int]:
         check_range(name, length)
-        return await self._run(self._read_range, name, -length, length)
+        return await self._run(self._read_range, name, start, length)
 
     async def get_many(self, names: Sequence[str]) -> list[Fetched]:
         """Read the files in one trip to a worker thread: a trip costs more than a small read."""
@@ -428,18 +428,12 @@ class FsStorage:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
-                if start < 0:
-                    start = max(0, info.st_size + start)
-                want = min(length, info.st_size - start)
-                chunks: list[bytes] = []
-                if want > 0:
-                    os.lseek(fd, start, os.SEEK_SET)
-                    while want > 0 and (chunk := os.read(fd, want)):
-                        chunks.append(chunk)
-                        want -= len(chunk)
+                start = max(0, info.st_size + start) if start < 0 else start
+                # One pread: a regular file gives all it has up to 2 GiB (ranges are MiBs).
+                data = os.pread(fd, max(0, min(length, info.st_size - start)), start)
             finally:
                 os.close(fd)
-            return b"".join(chunks), info.st_size
+            return data, info.st_size
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise ObjectNotFound(f"no object named {name!r} in {self.description}") from exc
         except OSError as exc:

@@ -351,16 +351,19 @@ async def test_fs_get_of_an_unreadable_object_is_not_not_found(
 ) -> None:
     await storage.put("d/x", b"v")
 
-    def eio(fd: int, size: int) -> bytes:
+    def eio(fd: int, size: int, offset: int = 0) -> bytes:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "read", eio)
+    monkeypatch.setattr(os, "pread", eio)
     with pytest.raises(StorageUnavailable, match="'d/x'"):
         await storage.get("d/x")
     with pytest.raises(StorageUnavailable, match="'d/x'"):
         await storage.get_many(["d/x"])
     with pytest.raises(StorageUnavailable, match="'d/x'"):
         await storage.get_range("d/x", 0, 1)
+    with pytest.raises(StorageUnavailable, match="'d/x'"):
+        await storage.get_tail("d/x", 1)
 
 
 async def test_fs_refuses_names_escaping_the_root(storage: FsStorage) -> None:
