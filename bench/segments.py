@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -624,7 +624,7 @@ def raw_backup(c: redis.Redis, path: Path) -> int:
     return written
 
 
-def bench_bulk(work: Path, n: int) -> dict[str, Any]:
+def bench_bulk(work: Path, n: int, *, rrb_args: Sequence[str] = ()) -> dict[str, Any]:
     server = start_redis(work / "redis")
     rrb: Rrb | None = None
     try:
@@ -636,7 +636,7 @@ def bench_bulk(work: Path, n: int) -> dict[str, Any]:
         raw = time.perf_counter() - t0
         os.sync()
         out = work / "store"
-        rrb = Rrb(work, server.url(), str(out))
+        rrb = Rrb(work, server.url(), str(out), *rrb_args)
         t0 = time.perf_counter()
         rrb.start()
 

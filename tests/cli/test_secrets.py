@@ -1,7 +1,9 @@
-"""Secrets (the Redis password, the S3 secret key) never appear in logs, errors or ``repr``.
+"""Secrets (the Redis password, the S3 secret key, an age identity) never appear in logs,
+errors, metrics or ``repr``.
 
 The commands run as real processes with ``--debug`` and ``LOG_LEVEL=DEBUG``; everything they
-print is searched for the secrets, on a normal run, on SIGTERM, and on refused credentials.
+print (and serve as metrics) is searched for the secrets, on a normal run, on SIGTERM, and on
+refused credentials.
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ from __future__ import annotations
 import dataclasses
 import signal
 import subprocess
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rrb_streams import config
+from rrb_streams.crypt.keys import AgeKeys
 from rrb_streams.storage.url import open_storage, parse_storage_url, with_sse
 from rrb_streams.wire.tls import TlsOptions
+from tests.support.age import ALICE, identity_file, identity_text
 from tests.support.moto import S3_SECRET_KEY, boto_client, s3_env
 from tests.support.proc import BIN, run_command
 from tests.support.servers import RedisServer, child_env, free_port
@@ -23,7 +29,8 @@ from tests.support.wait import wait_for
 
 PASSWORD = "redis-pass-do-not-log-4f1c"
 WRONG_PASSWORD = "wrong-pass-do-not-log-9e2a"
-SECRETS = (PASSWORD, WRONG_PASSWORD, S3_SECRET_KEY)
+IDENTITY = identity_text(ALICE)
+SECRETS = (PASSWORD, WRONG_PASSWORD, S3_SECRET_KEY, IDENTITY, IDENTITY.lower(), ALICE.secret.hex())
 
 
 def _assert_clean(text: str) -> None:
@@ -51,11 +58,30 @@ def _objects(moto_endpoint: str, bucket: str) -> int:
     return int(listed.get("KeyCount", 0))
 
 
+def _age(tmp_path: Path) -> list[str]:
+    key = identity_file(tmp_path / "key.txt", ALICE)
+    return ["--age-identity", str(key), "--age-recipient", str(ALICE.recipient)]
+
+
 def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
-    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str
+    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, tmp_path: Path
 ) -> None:
+    port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "rrb"), _url(locked_redis), "--storage", f"s3://{s3_bucket}/b", "--debug"],
+        [
+            str(BIN / "rrb"),
+            _url(locked_redis),
+            "--storage",
+            f"s3://{s3_bucket}/b",
+            "--debug",
+            "--metrics-port",
+            str(port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--level1-every",
+            "1s",
+            *_age(tmp_path),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,6 +98,10 @@ def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
             # Segments: a few objects hold every change; then every entry is acknowledged.
             wait_for(lambda: _objects(moto_endpoint, s3_bucket) >= 1, timeout=20)
             wait_for(lambda: plain.xpending("rrb:changes", "rrb-upload")["pending"] == 0)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            assert "rrb_upload" in metrics
+            _assert_clean(metrics)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -85,9 +115,13 @@ def test_a_debug_run_of_rrb_and_its_sigterm_never_print_a_secret(
     ["rrb", "rrb-bridge", "rrb-upload", "rrb-status", "rrb-restore", "rrb-verify"],
 )
 def test_a_wrong_redis_password_is_refused_without_showing_it(
-    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, command: str
+    locked_redis: RedisServer, s3_bucket: str, moto_endpoint: str, command: str, tmp_path: Path
 ) -> None:
     storage = [] if command in ("rrb-bridge", "rrb-status") else ["--storage", f"s3://{s3_bucket}"]
+    if command in ("rrb", "rrb-upload"):
+        storage += _age(tmp_path)
+    elif command in ("rrb-restore", "rrb-verify"):
+        storage += _age(tmp_path)[:2]
     result = run_command(
         command,
         _url(locked_redis, WRONG_PASSWORD),
@@ -128,7 +162,8 @@ def _value_for(f: dataclasses.Field[Any]) -> Any:
         spec = parse_storage_url(
             "s3://bucket/base", env={"S3_ACCESS_KEY": "AK", "S3_SECRET_KEY": S3_SECRET_KEY}
         )
-        return with_sse(spec, "aws:kms", "key-1", env={})
+        spec = with_sse(spec, "aws:kms", "key-1", env={})
+        return dataclasses.replace(spec, age=AgeKeys((ALICE.recipient,), (ALICE,), "/key.txt"))
     if f.name == "tls":
         return TlsOptions(ca="/ca.pem")
     raise AssertionError(f"no test value for {f.name}: teach this test about it")
