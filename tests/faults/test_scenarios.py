@@ -15,6 +15,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from rrb_streams.crypt import age
+from rrb_streams.storage.encrypted import AgeStorage
+from tests.support.age import AGE_KEYS, ALICE
 from tests.support.dataset import difference, restore_latest, snapshot
 from tests.support.load import Writer, assert_backup_equals_source
 from tests.support.moto import moto_storage, s3_env
@@ -337,6 +340,7 @@ async def test_flushall_and_swapdb_under_a_writer_converge(
     )
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
 async def test_storage_unreachable_for_20_seconds(
     redis_factory: Factory,
     commands: list[Command],
@@ -344,6 +348,7 @@ async def test_storage_unreachable_for_20_seconds(
     moto_endpoint: str,
     s3_bucket: str,
     fault_report: Callable[..., None],
+    encrypted: bool,
 ) -> None:
     source, stream, target = redis_factory(), redis_factory(*DURABLE), redis_factory()
     proxy = Proxy(int(moto_endpoint.rsplit(":", 1)[1]))
@@ -353,9 +358,13 @@ async def test_storage_unreachable_for_20_seconds(
         tmp_path / "unused",
         tmp_path,
         storage=f"s3://{s3_bucket}/",
-        env=s3_env(f"http://127.0.0.1:{proxy.port}"),
+        env={
+            **s3_env(f"http://127.0.0.1:{proxy.port}"),
+            **({"RRB_AGE_RECIPIENTS": str(ALICE.recipient)} if encrypted else {}),
+        },
     )
-    direct = moto_storage(s3_bucket, moto_endpoint)
+    raw = moto_storage(s3_bucket, moto_endpoint)
+    direct = AgeStorage(raw, AGE_KEYS)  # reads plain and encrypted objects alike
     try:
         pipeline.start(commands)
         # The uploaders check storage at start: cut it only once they are past that.
@@ -392,6 +401,8 @@ async def test_storage_unreachable_for_20_seconds(
             assert not found, f"{found}; dead letters: {s.xrange('rrb:dead', count=5)}"
             keys = len(expected)
         assert s.xlen("rrb:dead") == 0
+        stored = [await raw.get(i.name) async for i in raw.list()]
+        assert stored and all(age.is_encrypted(d) is encrypted for d in stored)
         assert "upload.retry" in pipeline.uploaders[0].output() + pipeline.uploaders[1].output()
     finally:
         proxy.close()
