@@ -123,6 +123,9 @@ async def test_a_round_trip_is_exact_and_storage_holds_no_plaintext(
     assert MARK_VALUE[:64] in plaintext
     await restored(backup, target, key)
     exact(source, target)
+    done = await backup.arun("rrb-verify", source.url(), "--json", "--age-identity", str(key))
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert json.loads(done.stdout)["checked"] > 300
 
 
 async def test_without_the_right_identity_nothing_is_written_to_the_target(
