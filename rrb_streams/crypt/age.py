@@ -288,6 +288,10 @@ class Opened:
         first, last = start // CHUNK, (start + length - 1) // CHUNK
         return first, self.header_length + first * SEALED, (last - first + 1) * SEALED
 
+    def open_payload(self, data: bytes) -> bytes:
+        """The plaintext of the whole age file ``data`` this was opened from."""
+        return self.open_chunks(memoryview(data)[self.header_length :], 0, ends=True)
+
     def open_chunks(self, data: bytes | memoryview, first: int, *, ends: bool) -> bytes:
         """The plaintext of the sealed chunks ``data``, the first being chunk ``first``.
 
@@ -367,16 +371,21 @@ def _refusal(header: Header, name: str, had_identities: bool) -> str:
     )
 
 
-def decrypt(data: bytes, identities: Sequence[Identity], name: str) -> bytes:
-    """The plaintext of the whole age file ``data``. Raises ``NotDecryptable`` or
-    ``CorruptObject`` as :func:`open_header` does, and ``CorruptObject`` for a damaged
-    payload."""
+def open_whole(data: bytes, identities: Sequence[Identity], name: str) -> Opened:
+    """:func:`open_header` of the whole age file ``data``. Raises as it does, and
+    ``CorruptObject`` when ``data`` ends inside its header or has no payload."""
     try:
         header = parse_header(data, name)
     except NeedHeader:
         raise CorruptObject(f"{name}: encrypted object cut short in its header") from None
-    opened = open_header(header, data[header.length :], identities, name)
-    body = memoryview(data)[opened.header_length :]
-    if not body:
+    opened = open_header(header, data[header.length : header.length + NONCE], identities, name)
+    if len(data) <= opened.header_length:
         raise CorruptObject(f"{name}: encrypted object has no payload")
-    return opened.open_chunks(body, 0, ends=True)
+    return opened
+
+
+def decrypt(data: bytes, identities: Sequence[Identity], name: str) -> bytes:
+    """The plaintext of the whole age file ``data``. Raises ``NotDecryptable`` or
+    ``CorruptObject`` as :func:`open_header` does, and ``CorruptObject`` for a damaged
+    payload."""
+    return open_whole(data, identities, name).open_payload(data)

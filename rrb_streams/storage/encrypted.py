@@ -49,6 +49,7 @@ class AgeStorage:
         self.inner = inner
         self.keys = keys
         self._opened: OrderedDict[str, age.Opened | None] = OrderedDict()
+        self._fetching: dict[str, anyio.Event] = {}  # headers being fetched, by object
 
     def __repr__(self) -> str:
         return (
@@ -105,10 +106,18 @@ class AgeStorage:
             out.append(data)
         return out
 
-    async def _opened_whole(self, name: str, data: bytes) -> bytes:
+    async def _opened_whole(self, name: str, data: bytes, *, keep: bool = False) -> bytes:
+        """``data``, the whole object, decrypted when it is an age file. ``keep``: keep its
+        unwrapped key (a segment, whose blocks are read next; not the many small objects of
+        the keys layout, which would push the segments' keys out)."""
         if not age.is_encrypted(data):
+            if keep:
+                self._keep(name, _PLAIN)
             return data
-        return await _run(age.decrypt, len(data), data, self.keys.identities, name)
+        opened = age.open_whole(data, self.keys.identities, name)
+        if keep:
+            self._keep(name, opened)
+        return await _run(opened.open_payload, len(data), data)
 
     async def get_range(self, name: str, start: int, length: int) -> bytes:
         check_range(name, length)
@@ -145,8 +154,8 @@ class AgeStorage:
         # and for a small object, all of it, header included.
         chunks = -(-length // age.CHUNK) + 1
         sealed, size = await self.inner.get_tail(name, chunks * age.SEALED + _HEAD_READ)
-        if len(sealed) >= size:  # the whole object
-            plain = await self._opened_whole(name, sealed)
+        if len(sealed) >= size:  # the whole object: its key is kept for the block reads
+            plain = await self._opened_whole(name, sealed, keep=True)
             return plain[-length:], len(plain)
         for fresh in (False, True):
             opened = await self._open(name, fresh=fresh)
@@ -170,16 +179,34 @@ class AgeStorage:
         raise AssertionError("unreachable")
 
     async def _open(self, name: str, *, fresh: bool) -> age.Opened | None:
-        """The object's unwrapped key (``None``: not encrypted), fetching its header once."""
-        if not fresh and name in self._opened:
-            self._opened.move_to_end(name)
-            return self._opened[name]
+        """The object's unwrapped key (``None``: not encrypted), fetching its header once:
+        reads of one object at once (a restore's ranges of one segment) wait for the first
+        one's fetch rather than each fetching it. ``fresh``: fetch it again, whatever is
+        kept (the object may have been replaced)."""
+        while not fresh:
+            if name in self._opened:
+                self._opened.move_to_end(name)
+                return self._opened[name]
+            fetching = self._fetching.get(name)
+            if fetching is None:
+                break
+            await fetching.wait()  # then kept, or failed: then fetch it here
+        done = self._fetching[name] = anyio.Event()
+        try:
+            opened = await self._fetch_header(name)
+        finally:
+            if self._fetching.get(name) is done:
+                del self._fetching[name]
+            done.set()
+        self._keep(name, opened)
+        return opened
+
+    async def _fetch_header(self, name: str) -> age.Opened | None:
         want = _HEAD_READ
         while True:
             head = await self.inner.get_range(name, 0, want)
             if not age.is_encrypted(head):
-                opened = _PLAIN
-                break
+                return _PLAIN
             try:
                 header = age.parse_header(head, name)
                 if len(head) < header.length + age.NONCE and len(head) == want:
@@ -191,13 +218,13 @@ class AgeStorage:
                     ) from None
                 want = max(more.needed, want * 2)
                 continue
-            opened = age.open_header(header, head[header.length :], self.keys.identities, name)
-            break
+            return age.open_header(header, head[header.length :], self.keys.identities, name)
+
+    def _keep(self, name: str, opened: age.Opened | None) -> None:
         self._opened[name] = opened
         self._opened.move_to_end(name)
         while len(self._opened) > HEADERS_KEPT:
             self._opened.popitem(last=False)
-        return opened
 
     def _forget(self, name: str) -> None:
         self._opened.pop(name, None)
