@@ -86,6 +86,8 @@ def status(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--level1-every needs --storage")
         if args.storage is None and args.compaction_grace is not None:
             raise ConfigError("--compaction-grace needs --storage")
+        if args.storage is None and args.age_identity is not None:
+            raise ConfigError("--age-identity needs --storage")
         cfg = StatusConfig(
             stream_url=redis_url(args),
             own_prefix=args.own_prefix,

@@ -221,6 +221,10 @@ def test_overdue_compaction_is_shown_and_follows_level1_every(
         (["--storage", "bk", "--level1-every", "5x"], "invalid --level1-every '5x'"),
         (["--storage", "bk", "--level1-every", "0"], "invalid --level1-every 0"),
         (["--level1-every", "5m"], "--level1-every needs --storage"),
+        (["--compaction-grace", "5m"], "--compaction-grace needs --storage"),
+        (["--storage", "bk", "--compaction-grace", "soon"], "invalid --compaction-grace 'soon'"),
+        (["--age-identity", "key.txt"], "--age-identity needs --storage"),
+        (["--storage", "bk", "--age-identity", "/no/such/key.txt"], "cannot read it"),
         (["-P", "prod"], "-P/--path 'prod/' needs --storage"),
     ],
 )
