@@ -119,3 +119,30 @@ def test_an_identity_never_shows_its_secret() -> None:
         assert secret not in text and secret.lower() not in text
         assert ALICE.secret.hex() not in text
     assert ALICE.recipient.fingerprint in repr(ALICE)
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "needle"),
+    [
+        ("upload", ["--age-recipient", "nope"], "--age-recipient: not an age recipient"),
+        ("rrb", ["--age-recipients-file", "/no/such/file"], "cannot read it: No such file"),
+        ("compact", ["--age-identity", "/no/such/key"], "--age-identity /no/such/key"),
+        ("restore", ["--age-identity", "/no/such/key"], "cannot read it"),
+        ("verify", ["--age-identity", "/no/such/key"], "cannot read it"),
+    ],
+)
+def test_bad_age_options_are_one_line_and_exit_2(
+    command: str, argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rrb_streams.cli import backup, compact, restore, verify
+
+    run = {
+        "upload": backup.upload,
+        "rrb": backup.rrb,
+        "compact": compact.compact,
+        "restore": restore.restore,
+        "verify": verify.verify,
+    }[command]
+    assert run(["redis://127.0.0.1:1/0", *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert needle in line and "Traceback" not in line
