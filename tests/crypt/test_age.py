@@ -4,7 +4,6 @@ write opens with ours, ranged reads open only their chunks, and damage is never 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,19 +14,17 @@ from pyrage import x25519
 from rrb_streams.crypt import age
 from rrb_streams.crypt.keys import parse_identity, parse_recipient
 from rrb_streams.errors import CorruptObject
-from tests.support.age import ALICE, BOB, identity_file, identity_text, new_identity
+from tests.support.age import (
+    ALICE,
+    BOB,
+    age_command,
+    identity_file,
+    identity_text,
+    new_identity,
+    opens_with_age,
+)
 
 SIZES = [0, 1, 1000, age.CHUNK - 1, age.CHUNK, age.CHUNK + 1, 3 * age.CHUNK, 200_000]
-AGE = shutil.which("age")
-
-
-def age_command() -> str:
-    """The ``age`` command; in CI it must be there (scripts/test installs Debian's)."""
-    if AGE is None:
-        if os.environ.get("CI"):
-            pytest.fail("the age command is missing: scripts/test installs Debian's age")
-        pytest.skip("the age command is not installed")
-    return AGE
 
 
 def pyrage_identity(identity: object) -> x25519.Identity:
@@ -43,14 +40,7 @@ def test_what_we_write_opens_with_the_age_command_and_pyrage(tmp_path: Path, siz
     pieces = [data[: cut[0]], data[cut[0] : cut[1]], data[cut[1] :]]
     streamed = b"".join(age.encrypt_stream(pieces, [BOB.recipient]))
     for sealed in (whole, streamed):
-        (tmp_path / "object").write_bytes(sealed)
-        done = subprocess.run(
-            [age_command(), "-d", "-i", str(keys), str(tmp_path / "object")],
-            capture_output=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == data
+        assert opens_with_age(sealed, keys, tmp_path) == data
         assert pyrage.decrypt(sealed, [pyrage_identity(BOB)]) == data
         assert age.decrypt(sealed, [BOB], "object") == data
     assert pyrage.decrypt(whole, [pyrage_identity(ALICE)]) == data

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +16,15 @@ import redis
 from rrb_streams.crypt import age
 from rrb_streams.crypt.keys import AgeKeys, Identity
 from rrb_streams.storage.url import StorageSpec, open_storage
-from tests.crypt.test_age import age_command
-from tests.support.age import ALICE, BOB, identity_file, identity_text, stored_objects, write_object
+from tests.support.age import (
+    ALICE,
+    BOB,
+    identity_file,
+    identity_text,
+    opens_with_age,
+    stored_objects,
+    write_object,
+)
 from tests.support.compacting import Backup, compact, restore_summary, uploaded
 from tests.support.dataset import difference, snapshot
 from tests.support.pipeline import running_pipeline
@@ -78,17 +84,6 @@ def exact(source: RedisServer, target: RedisServer) -> None:
     with source.client() as c, target.client() as t:
         found = difference(snapshot(c), snapshot(t))
     assert not found, found
-
-
-def opens_with_age(data: bytes, key: Path, tmp_path: Path) -> bytes:
-    (tmp_path / "object").write_bytes(data)
-    done = subprocess.run(
-        [age_command(), "-d", "-i", str(key), str(tmp_path / "object")],
-        capture_output=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @pytest.mark.parametrize("spec", ["fs", "s3"], indirect=True)

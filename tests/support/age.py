@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from rrb_streams.crypt.keys import AgeKeys, Identity, bech32_encode
@@ -65,3 +69,26 @@ def write_object(spec: StorageSpec, name: str, data: bytes) -> None:
         return
     assert spec.endpoint_url is not None
     boto_client(spec.endpoint_url).put_object(Bucket=spec.bucket, Key=spec.base + name, Body=data)
+
+
+def age_command() -> str:
+    """The ``age`` command; in CI it must be there (scripts/test installs Debian's)."""
+    found = shutil.which("age")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("the age command is missing: scripts/test installs Debian's age")
+        pytest.skip("the age command is not installed")
+    return found
+
+
+def opens_with_age(data: bytes, key: Path, work: Path) -> bytes:
+    """What ``age -d -i key`` makes of ``data`` (written to a file in ``work``); it must
+    succeed."""
+    (work / "object").write_bytes(data)
+    done = subprocess.run(
+        [age_command(), "-d", "-i", str(key), str(work / "object")],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
