@@ -31,8 +31,6 @@ from typing import Any
 
 import anyio
 
-from rrb_streams.crypt.age import MAGIC as AGE_MAGIC
-from rrb_streams.crypt.age import NotDecryptable, is_encrypted, missing_identity
 from rrb_streams.errors import CorruptObject, ObjectNotFound
 from rrb_streams.format import codec
 from rrb_streams.format.codec import KeyRecord
@@ -49,6 +47,7 @@ from rrb_streams.format.segment import (
 )
 from rrb_streams.format.view import read_view
 from rrb_streams.storage.base import ObjectInfo, Storage
+from rrb_streams.storage.encrypted import require_opens
 
 Key = tuple[int, bytes]  # (db, raw key): the order of records in segments
 
@@ -178,8 +177,7 @@ async def read_footer_of(storage: Storage, info: ObjectInfo) -> Footer:
         except CorruptObject:
             # An age file read without an identity (a reader given one decrypts it below
             # this layer) makes no sense as a segment: worth one small read to say so.
-            if is_encrypted(await storage.get_range(info.name, 0, len(AGE_MAGIC))):
-                raise NotDecryptable(missing_identity(info.name)) from None
+            await require_opens(storage, info.name)
             raise
 
 

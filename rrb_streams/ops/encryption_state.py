@@ -35,17 +35,8 @@ class Encryption:
         tally[0] += 1
         tally[1] += size
 
-    @property
-    def fingerprints(self) -> set[str]:
-        return {fp for label in self.kinds for fp in _fingerprints(label)}
-
     def to_dict(self) -> dict[str, dict[str, int]]:
         return {k: {"objects": n, "bytes": b} for k, (n, b) in sorted(self.kinds.items())}
-
-
-def _fingerprints(label: str) -> list[str]:
-    _, _, to = label.partition(" to ")
-    return [fp for fp in to.split(", ") if fp]
 
 
 def label_of(header: age.Header) -> str:

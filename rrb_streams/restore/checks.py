@@ -16,8 +16,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from rrb_streams.config import RestoreConfig
-from rrb_streams.crypt.age import MAGIC as AGE_MAGIC
-from rrb_streams.crypt.age import NotDecryptable, is_encrypted, missing_identity
 from rrb_streams.errors import ConfigError, CorruptObject, DependencyError
 from rrb_streams.format.layout import parse_name
 from rrb_streams.format.manifest import read_latest
@@ -26,6 +24,7 @@ from rrb_streams.format.selection import find_backup, has_versions
 from rrb_streams.format.view import BeforeRetention
 from rrb_streams.restore.writer import error_text, rdb_version
 from rrb_streams.storage.base import Storage
+from rrb_streams.storage.encrypted import require_opens
 from rrb_streams.wire.cluster import is_cluster
 from rrb_streams.wire.connections import connect, ping
 from rrb_streams.wire.keys import OwnKeys
@@ -137,11 +136,9 @@ async def require_readable(cfg: RestoreConfig, storage: Storage) -> None:
             # Through AgeStorage: decrypted when an identity opens it, refused when none
             # does, and passed through as it is when none was given.
             try:
-                head = await storage.get_range(info.name, 0, len(AGE_MAGIC))
+                await require_opens(storage, info.name)
             except CorruptObject:
-                return  # damaged, not locked: the run names it and restores the rest
-            if is_encrypted(head):
-                raise NotDecryptable(missing_identity(info.name))
+                pass  # damaged, not locked: the run names it and restores the rest
             return
 
 

@@ -22,7 +22,7 @@ identity raises the same; a tampered one raises ``CorruptObject`` like a bad che
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import anyio
@@ -126,25 +126,21 @@ class AgeStorage:
         if start < 0:
             data, _ = await self.get_tail(name, -start)
             return data[:length]
-        for fresh in (False, True):
-            opened = await self._open(name, fresh=fresh)
+
+        async def read(opened: age.Opened | None) -> bytes:
             if opened is None:
                 return await self.inner.get_range(name, start, length)
             first, offset, span = opened.span(start, length)
             sealed = await self.inner.get_range(name, offset, span)
             if not sealed:
                 return b""
-            try:
-                plain = await _run(
-                    opened.open_chunks, len(sealed), sealed, first, ends=len(sealed) < span
-                )
-            except CorruptObject:
-                if fresh:
-                    raise
-                continue  # the object may have been replaced since its key was kept
+            plain = await _run(
+                opened.open_chunks, len(sealed), sealed, first, ends=len(sealed) < span
+            )
             skip = start - first * age.CHUNK
             return plain[skip : skip + length]
-        raise AssertionError("unreachable")
+
+        return await self._with_key(name, read)
 
     async def get_tail(self, name: str, length: int) -> tuple[bytes, int]:
         check_range(name, length)
@@ -157,8 +153,8 @@ class AgeStorage:
         if len(sealed) >= size:  # the whole object: its key is kept for the block reads
             plain = await self._opened_whole(name, sealed, keep=True)
             return plain[-length:], len(plain)
-        for fresh in (False, True):
-            opened = await self._open(name, fresh=fresh)
+
+        async def read(opened: age.Opened | None) -> tuple[bytes, int]:
             if opened is None:
                 return sealed[-length:], size
             plain_size = age.plain_size(size, opened.header_length - age.NONCE, name)
@@ -167,16 +163,21 @@ class AgeStorage:
             window = size - len(sealed)
             if offset < window:  # cannot happen with the sizes above; never decrypt a part
                 raise AssertionError(f"{name}: tail chunk {first} starts before the read")
-            try:
-                plain = await _run(
-                    opened.open_chunks, size - offset, sealed[offset - window :], first, ends=True
-                )
-            except CorruptObject:
-                if fresh:
-                    raise
-                continue
+            plain = await _run(
+                opened.open_chunks, size - offset, sealed[offset - window :], first, ends=True
+            )
             return plain[start - first * age.CHUNK :], plain_size
-        raise AssertionError("unreachable")
+
+        return await self._with_key(name, read)
+
+    async def _with_key(self, name: str, read: Callable[[age.Opened | None], Awaitable[T]]) -> T:
+        """``read(key)`` with the object's kept key (``None``: not encrypted); when that fails
+        authentication, once more with its header fetched again: the object may have been
+        replaced since its key was kept."""
+        try:
+            return await read(await self._open(name, fresh=False))
+        except CorruptObject:
+            return await read(await self._open(name, fresh=True))
 
     async def _open(self, name: str, *, fresh: bool) -> age.Opened | None:
         """The object's unwrapped key (``None``: not encrypted), fetching its header once:
@@ -246,6 +247,15 @@ async def _run(fn: Callable[..., T], size: int, *args: object, **kwargs: object)
     if size <= _INLINE:
         return fn(*args, **kwargs)
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def require_opens(storage: Storage, name: str) -> None:
+    """Raise ``NotDecryptable`` when object ``name``, read through ``storage``, is still an
+    age file: a storage with no identity passes ranged reads through unread (it cannot tell
+    an encrypted object without fetching its header), so a reader whose object made no sense,
+    or that must know before writing anything, asks here. Raises as ``get_range`` does."""
+    if age.is_encrypted(await storage.get_range(name, 0, len(age.MAGIC))):
+        raise age.NotDecryptable(age.missing_identity(name))
 
 
 def _conforms(storage: AgeStorage) -> Storage:
